@@ -1,0 +1,540 @@
+"""The one training loop of tune_bir: BI-R (+SI) on a continual-learning protocol.
+
+`Engine` is built from one resolved config; `train_segment()` trains up to N iterations of the
+current task (finishing the task runs evaluation, SI consolidation and the previous-model
+snapshot); `evaluate()` returns the metrics of DESIGN.md; `state_dict()` / `load_state_dict()`
+cover everything needed for a bit-identical continuation. No Ray and no MLflow in here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from tune_bir import losses
+from tune_bir.config import BIRConfig
+from tune_bir.data import Protocol, load_protocol
+from tune_bir.errors import ConfigError
+from tune_bir.exaggeration import ExaggerationTerm, ReplayBatch, build_terms
+from tune_bir.model import BIRModel, ModelSpec
+from tune_bir.nets import ConvLayers, load_conv_layers
+from tune_bir.si import SynapticIntelligence
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 1000
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda[:N]` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but no CUDA device is available here")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Data in "hidden" space: pixels (MNIST) or frozen conv features (CIFAR), cached once on the device.
+@dataclass
+class TaskTensors:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class HiddenData:
+    """Per-task train / val / test inputs in the space the fc network sees, on one device."""
+
+    train: list[TaskTensors]
+    val: list[TaskTensors]
+    test: list[TaskTensors]
+    in_shape: tuple[int, ...]
+    image_pixels: int          # P of ALGORITHM.md 3.5 (image pixels, even for feature replay)
+    n_classes: int
+    classes_per_task: int
+
+
+@torch.no_grad()
+def _through_conv(conv: ConvLayers | None, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if conv is None:
+        return x.to(device)
+    # conv layers are frozen (eval, no grad): their features of real images are deterministic -> cache
+    return torch.cat([conv(x[i:i + EVAL_BATCH].to(device)) for i in range(0, len(x), EVAL_BATCH)])
+
+
+def prepare_hidden_data(protocol: Protocol, conv: ConvLayers | None, device: torch.device) -> HiddenData:
+    """Move a protocol onto the device, through the frozen conv layers when there are any."""
+    def convert(splits):
+        return [TaskTensors(_through_conv(conv, s.x, device), s.y.to(device)) for s in splits]
+
+    in_shape = ConvLayers.out_shape if conv is not None else tuple(protocol.image_shape)
+    return HiddenData(convert(protocol.train), convert(protocol.val), convert(protocol.test),
+                      tuple(in_shape), int(torch.tensor(protocol.image_shape).prod()),
+                      protocol.n_classes, protocol.classes_per_task)
+
+
+# ---------------------------------------------------------------------------------------------
+class Scenario:
+    """Which output columns are active and what the targets are (ALGORITHM.md 1.3)."""
+
+    def __init__(self, name: str, classes_per_task: int, n_classes: int):
+        self.name, self.cpt, self.n_classes = name, classes_per_task, n_classes
+        self.n_outputs = classes_per_task if name == "domain" else n_classes
+
+    def columns(self, task: int, current: int) -> slice:
+        """Output columns for evaluating `task` (1-based) while `current` tasks have been seen."""
+        if self.name == "class":
+            return slice(0, self.cpt * current)
+        if self.name == "task":
+            return slice(self.cpt * (task - 1), self.cpt * task)
+        return slice(0, self.cpt)
+
+    def targets(self, y: torch.Tensor, task: int) -> torch.Tensor:
+        if self.name == "class":
+            return y
+        if self.name == "task":
+            return y - self.cpt * (task - 1)
+        return y % self.cpt
+
+
+class BatchSampler:
+    """Shuffled passes over one task's training data, batch B, drop_last; counted in iterations."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator, device: torch.device):
+        self.n, self.batch, self.generator, self.device = n, batch, generator, device
+        self.perm = torch.empty(0, dtype=torch.long, device=device)
+        self.cursor = 0
+
+    def next_indices(self) -> torch.Tensor:
+        if self.cursor + self.batch > len(self.perm):
+            self.perm = torch.randperm(self.n, generator=self.generator, device=self.device)
+            self.cursor = 0
+        idx = self.perm[self.cursor:self.cursor + self.batch]
+        self.cursor += self.batch
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.cpu(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.cursor = state["perm"].to(self.device), int(state["cursor"])
+
+
+# ---------------------------------------------------------------------------------------------
+class Engine:
+    """BI-R(+SI) learner over a whole protocol; one instance per run (or per Tune trial)."""
+
+    def __init__(self, config: BIRConfig, data: HiddenData | None = None, protocol: Protocol | None = None):
+        self.cfg = cfg = config.resolved()
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # once, at the start of a run: weight init (never inside the loop, F12)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        init_rng = torch.Generator().manual_seed(cfg.seed + 1)   # gate masks and GMM prior (CPU, device-free)
+        self.conv = self._load_conv(cfg)
+        if data is None:
+            protocol = protocol or load_protocol(cfg.experiment, data_dir=cfg.data_dir, seed=cfg.seed,
+                                                 n_tasks=cfg.tasks, val_fraction=cfg.val_fraction)
+            data = prepare_hidden_data(protocol, self.conv, self.device)
+        self.data = data
+        self.scenario = Scenario(cfg.scenario, data.classes_per_task, data.n_classes)
+        smallest = min(len(t.y) for t in data.train)
+        if cfg.batch > smallest:
+            raise ConfigError(f"--batch={cfg.batch} exceeds the {smallest} training samples of a task")
+        self.recon_loss = losses.RECON_LOSSES[cfg.recon_loss]
+
+        generative = cfg.replay == "generative"
+        decoder_out = "sigmoid" if cfg.recon_loss == "BCE" else "linear"
+        n_out = self.scenario.n_outputs
+        self.model = BIRModel(ModelSpec(
+            data.in_shape, n_out, cfg.fc_units, cfg.fc_layers, cfg.z_dim, classifier=True,
+            decoder=generative and cfg.feedback, gmm_prior=cfg.prior == "GMM",
+            dg_prop=cfg.dg_prop if cfg.dg_gates else 0.0, output=decoder_out), init_rng).to(self.device)
+        # separate VAE generator: `--replay=generative` without replay-through-feedback
+        self.generator_model = BIRModel(ModelSpec(
+            data.in_shape, n_out, cfg.fc_units, cfg.fc_layers, cfg.z_dim, classifier=False, decoder=True,
+            gmm_prior=cfg.prior == "GMM", dg_prop=cfg.dg_prop if cfg.dg_gates else 0.0, output=decoder_out),
+            init_rng).to(self.device) if generative and not cfg.feedback else None
+
+        self.terms: list[ExaggerationTerm] = build_terms(cfg, self)
+        extra_main_params = {id(p) for term in self.terms for p in term.own_parameters()}
+        self.optimizer = torch.optim.Adam(
+            [p for p in self.model.parameters() if id(p) not in extra_main_params], lr=cfg.lr, betas=(0.9, 0.999))
+        self.generator_optimizer = torch.optim.Adam(
+            self.generator_model.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) if self.generator_model else None
+        # SI scope: encoder and classifier (ALGORITHM.md 4 / defect O3); the rest keeps omega = 0
+        self.si = SynapticIntelligence(
+            {f"fcE.{n}": p for n, p in self.model.fcE.named_parameters()}
+            | {f"classifier.{n}": p for n, p in self.model.classifier.named_parameters()},
+            c=cfg.c, epsilon=cfg.epsilon) if cfg.si else None
+
+        self.previous: BIRModel | None = None            # frozen snapshot M' after the last task
+        self.previous_generator: BIRModel | None = None
+        self.task = 0                                    # tasks finished
+        self.iter_in_task = 0
+        self.iters_done = 0
+        self.acc_history: list[list[float]] = []         # a[t][k] on the test split after each task
+        self.val_acc_history: list[list[float]] = []
+        self.sampler: BatchSampler | None = None
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_count = 0
+
+    # -- construction helpers
+    def _load_conv(self, cfg: BIRConfig) -> ConvLayers | None:
+        if cfg.protocol_family != "CIFAR":
+            return None
+        return load_conv_layers(cfg.pretrained_conv, self.device)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.data.train)
+
+    @property
+    def done(self) -> bool:
+        return self.task >= self.n_tasks
+
+    @property
+    def current_task(self) -> int:
+        """1-based task being trained (or the last task when done)."""
+        return min(self.task + 1, self.n_tasks)
+
+    def _task_train_data(self, t: int) -> TaskTensors:
+        if self.cfg.replay == "offline":  # joint training on everything seen so far
+            parts = self.data.train[:t]
+            return TaskTensors(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+        return self.data.train[t - 1]
+
+    # -- the training step ---------------------------------------------------------------------
+    def train_segment(self, n_iters: int | None = None,
+                      on_iteration: Callable[[], None] | None = None) -> dict[str, float]:
+        """Train up to `n_iters` iterations (default: the rest of the current task); return metrics."""
+        if self.done:
+            raise RuntimeError("all tasks are trained already")
+        start = time.perf_counter()
+        t = self.task + 1
+        remaining = self.cfg.iters - self.iter_in_task
+        n = remaining if n_iters is None or n_iters <= 0 else min(n_iters, remaining)
+        train = self._task_train_data(t)
+        if self.sampler is None:
+            self.sampler = BatchSampler(len(train.y), self.cfg.batch, self.rng, self.device)
+            if self.si is not None and self.iter_in_task == 0:
+                self.si.begin_task()
+        self._loss_sums, self._loss_count = {}, 0
+        self.model.train()
+        for _ in range(n):
+            idx = self.sampler.next_indices()
+            self._train_iteration(train.x[idx], train.y[idx], t)
+            self.iter_in_task += 1
+            self.iters_done += 1
+            if on_iteration is not None:
+                on_iteration()
+        finished = self.iter_in_task >= self.cfg.iters
+        metrics = self._segment_metrics(t, finished)
+        if finished:
+            self._end_task()
+        metrics["time_this_step_s"] = time.perf_counter() - start
+        return metrics
+
+    def train_task(self, on_iteration: Callable[[], None] | None = None) -> dict[str, float]:
+        """Train the rest of the current task."""
+        return self.train_segment(None, on_iteration)
+
+    def _log(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
+
+    def _train_iteration(self, h: torch.Tensor, y: torch.Tensor, t: int) -> None:
+        cfg = self.cfg
+        cols = self.scenario.columns(t, t)
+        target = self.scenario.targets(y, t)
+        rnt = 1.0 / t
+        replay = self._replay(h, t) if t > 1 and cfg.replay in ("generative", "current") else None
+        if cfg.replay == "generative" and cfg.feedback:
+            total = self._feedback_loss(h, y, target, cols, rnt, replay, t)
+        else:
+            total = self._classifier_loss(h, target, cols, rnt, replay)
+            if self.generator_model is not None:
+                self._generator_step(h, y, rnt, replay, t)
+        if self.si is not None:
+            si_loss = self.si.loss()
+            self._log("si", si_loss)
+            total = total + si_loss
+        self._log("total", total)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.si is not None:
+            self.si.after_step()
+        self._loss_count += 1
+
+    @torch.no_grad()
+    def _replay(self, h: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replayed inputs and the previous model's scores over previous classes (ALGORITHM.md 3.6)."""
+        k_prev = self.scenario.cpt * (t - 1)
+        if self.cfg.replay == "current":  # LwF: the current inputs, scored by the previous model
+            return h, self.previous.predict(h)[:, :k_prev]
+        source = self.previous if self.generator_model is None else self.previous_generator
+        classes = torch.randint(0, k_prev, (self.cfg.batch_replay,), generator=self.rng, device=self.device)
+        h_replay = source.generate(classes, self.rng)
+        return h_replay, self.previous.predict(h_replay)[:, :k_prev]
+
+    def _replay_class_weights(self, scores: torch.Tensor, n_classes: int) -> torch.Tensor:
+        """Soft (distillation) or hard class weights of replayed samples, zero-padded to all classes."""
+        if self.cfg.distill:
+            q = torch.softmax(scores / self.cfg.temp, dim=1)
+        else:
+            q = F.one_hot(scores.argmax(1), scores.shape[1]).float()
+        return F.pad(q, (0, n_classes - q.shape[1]))
+
+    def _replay_prediction_loss(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.cfg.distill:
+            return losses.distillation_loss(logits, scores, self.cfg.temp)
+        return F.cross_entropy(logits, scores.argmax(1))
+
+    def _vae_terms(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder features, posterior, reconstruction and per-sample recon / prior terms of one VAE pass."""
+        e = model.encode(h)
+        mu, logvar = model.posterior(e)
+        z = model.reparameterise(mu, logvar, self.rng)
+        recon = model.decode(z, class_weights if model.gated else None)
+        return e, mu, logvar, z, recon, self._log_prior(model, z, class_weights, n_active)
+
+    @staticmethod
+    def _log_prior(model: BIRModel, z: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> torch.Tensor:
+        if not model.spec.gmm_prior:
+            return losses.log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
+        return losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
+                                   class_weights[:, :n_active])
+
+    def _feedback_loss(self, h, y, target, cols, rnt, replay, t) -> torch.Tensor:
+        """Replay-through-feedback: current and replayed samples in ONE pass through the model (3.7)."""
+        cfg, model = self.cfg, self.model
+        n_cur, n_classes, n_active = len(y), self.scenario.n_outputs, cols.stop
+        weights = F.one_hot(y, n_classes).float()
+        inputs = h
+        if replay is not None:
+            h_replay, scores = replay
+            weights = torch.cat([weights, self._replay_class_weights(scores, n_classes)])
+            inputs = torch.cat([h, h_replay])
+        e, mu, logvar, z, recon, log_prior = self._vae_terms(model, inputs, weights, n_active)
+        logits = model.classify(e)[:, cols]
+        recon_per_sample = self.recon_loss(inputs, recon)
+        log_q = losses.log_normal_diag(z, mu, logvar)
+        P = self.data.image_pixels
+        cur = slice(0, n_cur)
+        terms = {"recon_current": recon_per_sample[cur].mean(),
+                 "variational_current": (log_q[cur] - log_prior[cur]).mean() / P,
+                 "prediction": F.cross_entropy(logits[cur], target)}
+        loss_current = sum(terms.values())
+        total = rnt * loss_current
+        if replay is not None:
+            rep = slice(n_cur, None)
+            terms |= {"recon_replay": recon_per_sample[rep].mean(),
+                      "variational_replay": (log_q[rep] - log_prior[rep]).mean() / P,
+                      "distillation": self._replay_prediction_loss(logits[rep], scores)}
+            loss_replay = terms["recon_replay"] + terms["variational_replay"] + terms["distillation"]
+            if self.terms:
+                batch = ReplayBatch(
+                    h=h_replay, scores=scores, e=e[rep], mu=mu[rep], logvar=logvar[rep], recon=recon[rep],
+                    class_weights=weights[rep], n_active=n_active, model=model, engine=self)
+                for term in self.terms:
+                    value = term(batch)
+                    terms[term.name] = value
+                    loss_replay = loss_replay + term.weight * value
+                    for name, stat in term.stats(batch).items():
+                        self._log(name, stat)
+            total = total + (1 - rnt) * loss_replay
+        for name, value in terms.items():
+            self._log(name, value)
+        return total
+
+    def _classifier_loss(self, h, target, cols, rnt, replay) -> torch.Tensor:
+        """Classifier alone (no replay, LwF, joint) or beside a separate generator."""
+        logits = self.model.predict(h)[:, cols]
+        prediction = F.cross_entropy(logits, target)
+        self._log("prediction", prediction)
+        if replay is None:
+            return prediction
+        h_replay, scores = replay
+        replay_logits = self.model.predict(h_replay)[:, cols]
+        distillation = self._replay_prediction_loss(replay_logits, scores)
+        self._log("distillation", distillation)
+        return rnt * prediction + (1 - rnt) * distillation
+
+    def _generator_step(self, h, y, rnt, replay, t) -> None:
+        """Train the separate VAE generator on current (+ replayed) inputs with its own optimiser."""
+        gen, n_classes = self.generator_model, self.scenario.n_outputs
+        n_active = self.scenario.cpt * t
+        weights = F.one_hot(y, n_classes).float()
+        inputs = h
+        if replay is not None:
+            weights = torch.cat([weights, self._replay_class_weights(replay[1], n_classes)])
+            inputs = torch.cat([h, replay[0]])
+        _, mu, logvar, z, recon, log_prior = self._vae_terms(gen, inputs, weights, n_active)
+        per_sample = self.recon_loss(inputs, recon) + (losses.log_normal_diag(z, mu, logvar) - log_prior) / \
+            self.data.image_pixels
+        cur = per_sample[:len(y)].mean()
+        self._log("generator_current", cur)
+        loss = cur
+        if replay is not None:
+            rep = per_sample[len(y):].mean()
+            self._log("generator_replay", rep)
+            loss = rnt * cur + (1 - rnt) * rep
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.generator_optimizer.step()
+
+    # -- end of a task -------------------------------------------------------------------------
+    def _end_task(self) -> None:
+        """SI consolidation, previous-model snapshot, next task (ALGORITHM.md 3.7, in this order)."""
+        if self.si is not None:
+            self.si.end_task()
+        self.previous = _frozen_copy(self.model)
+        if self.generator_model is not None:
+            self.previous_generator = _frozen_copy(self.generator_model)
+        self.task += 1
+        self.iter_in_task = 0
+        self.sampler = None
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def accuracies(self, split: str = "test", seen: int | None = None) -> list[float]:
+        """Accuracy on each task seen so far (argmax over the active columns, ALGORITHM.md 1.4)."""
+        seen = seen if seen is not None else self.current_task
+        tasks = getattr(self.data, split)
+        was_training = self.model.training
+        self.model.eval()
+        result = []
+        for k in range(1, seen + 1):
+            cols = self.scenario.columns(k, seen)
+            data = tasks[k - 1]
+            logits = torch.cat([self.model.predict(data.x[i:i + EVAL_BATCH])[:, cols]
+                                for i in range(0, len(data.y), EVAL_BATCH)])
+            target = self.scenario.targets(data.y, k)
+            acc = multiclass_accuracy(logits.argmax(1), target, num_classes=logits.shape[1], average="micro")
+            result.append(float(acc))
+        self.model.train(was_training)
+        return result
+
+    def _segment_metrics(self, t: int, finished: bool) -> dict[str, float]:
+        metrics: dict[str, float] = {"task": float(self.task + (1 if finished else 0)),
+                                     "iters_done": float(self.iters_done)}
+        splits = [("test", "", self.acc_history)]
+        if len(self.data.val[0].y) > 0:
+            splits.append(("val", "val_", self.val_acc_history))
+        for split, prefix, history in splits:
+            row = self.accuracies(split, t)
+            metrics |= accuracy_metrics(row, history, prefix)
+            if finished:
+                history.append(row)
+        count = max(self._loss_count, 1)
+        metrics |= {f"loss/{name}": float(value) / count for name, value in self._loss_sums.items()}
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy metrics on the tasks seen so far, without training."""
+        t = self.current_task if not self.done else self.n_tasks
+        histories = self.acc_history[:t - 1]
+        metrics = accuracy_metrics(self.accuracies("test", t), histories, "")
+        if len(self.data.val[0].y) > 0:
+            metrics |= accuracy_metrics(self.accuracies("val", t), self.val_acc_history[:t - 1], "val_")
+        return metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a bit-identical continuation needs (model, previous model, SI, optimisers, RNG, position)."""
+        def sd(module):
+            return None if module is None else module.state_dict()
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "position": {"task": self.task, "iter_in_task": self.iter_in_task, "iters_done": self.iters_done},
+            "model": self.model.state_dict(),
+            "previous": sd(self.previous),
+            "generator_model": sd(self.generator_model),
+            "previous_generator": sd(self.previous_generator),
+            "optimizer": self.optimizer.state_dict(),
+            "generator_optimizer": sd(self.generator_optimizer),
+            "si": None if self.si is None else self.si.state_dict(),
+            "terms": {term.name: term.state_dict() for term in self.terms},
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+            "rng": {"engine": self.rng.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "acc_history": self.acc_history,
+            "val_acc_history": self.val_acc_history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state written by `state_dict()` of an engine with the same config."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        pos = state["position"]
+        self.task, self.iter_in_task, self.iters_done = pos["task"], pos["iter_in_task"], pos["iters_done"]
+        self.model.load_state_dict(state["model"])
+        self.previous = self._snapshot_from(self.model, state["previous"])
+        if self.generator_model is not None:
+            self.generator_model.load_state_dict(state["generator_model"])
+            self.previous_generator = self._snapshot_from(self.generator_model, state["previous_generator"])
+            self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.si is not None:
+            self.si.load_state_dict(state["si"])
+        for term in self.terms:
+            term.load_state_dict(state["terms"][term.name])
+        self.sampler = None
+        if state["sampler"] is not None:
+            train = self._task_train_data(self.task + 1)
+            self.sampler = BatchSampler(len(train.y), self.cfg.batch, self.rng, self.device)
+            self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        self.rng.set_state(rng["engine"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.acc_history = [list(r) for r in state["acc_history"]]
+        self.val_acc_history = [list(r) for r in state["val_acc_history"]]
+
+    @staticmethod
+    def _snapshot_from(template: BIRModel, state: dict | None) -> BIRModel | None:
+        if state is None:
+            return None
+        snapshot = _frozen_copy(template)
+        snapshot.load_state_dict(state)
+        return snapshot
+
+
+def _frozen_copy(model: nn.Module) -> BIRModel:
+    snapshot = copy.deepcopy(model)
+    snapshot.eval()
+    snapshot.requires_grad_(False)
+    return snapshot
+
+
+def accuracy_metrics(row: list[float], history: list[list[float]], prefix: str) -> dict[str, float]:
+    """acc_avg, acc_task_<k>, bwt and forgetting_avg of DESIGN.md from the current row and finished rows."""
+    t = len(row)
+    metrics = {f"{prefix}acc_task_{k + 1}": acc for k, acc in enumerate(row)}
+    metrics[f"{prefix}acc_avg"] = sum(row) / t
+    previous = range(t - 1)
+    if t > 1:
+        metrics[f"{prefix}bwt"] = sum(row[k] - history[k][k] for k in previous) / (t - 1)
+        metrics[f"{prefix}forgetting_avg"] = sum(
+            max(history[l][k] for l in range(k, t - 1)) - row[k] for k in previous) / (t - 1)
+    else:
+        metrics[f"{prefix}bwt"] = 0.0
+        metrics[f"{prefix}forgetting_avg"] = 0.0
+    return metrics

@@ -1,0 +1,125 @@
+"""The BI-R model: encoder -> classifier, latent (VAE) with per-class GMM prior -> decoder -> sampling.
+
+One network serves as classifier and generator ("replay-through-feedback", ALGORITHM.md 3).
+Parts are optional so the same class also builds the baselines: a classifier alone
+(`--replay=none`) and a separate VAE generator (`--replay=generative` without `--feedback`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tune_bir.nets import MLP, GatedLinear, linear
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes and parts of a BIRModel (derived from the config and the protocol)."""
+
+    in_shape: tuple[int, ...]     # shape of one "hidden" input: 1x28x28 pixels or 256x2x2 conv features
+    n_classes: int
+    fc_units: int
+    fc_layers: int = 3
+    z_dim: int = 100
+    classifier: bool = True
+    decoder: bool = True
+    gmm_prior: bool = False        # one prior mode per class (conditional replay)
+    dg_prop: float = 0.0           # 0 disables the decoder gates
+    output: str = "sigmoid"        # decoder output non-linearity: sigmoid (pixels) or linear (features)
+
+    @property
+    def in_units(self) -> int:
+        return int(np.prod(self.in_shape))
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        # fc-layers 3 -> encoder [in, F, F]; sizes follow linspace(F, h_dim, fc_layers-1) with h_dim = F
+        return [self.in_units] + [self.fc_units] * (self.fc_layers - 1)
+
+
+class BIRModel(nn.Module):
+    """Encoder, classifier, VAE latent with standard or per-class GMM prior, gated decoder."""
+
+    def __init__(self, spec: ModelSpec, generator: torch.Generator):
+        super().__init__()
+        self.spec = spec
+        sizes = spec.hidden_sizes
+        h_dim = sizes[-1]
+        self.fcE = MLP(sizes)
+        self.classifier = linear(h_dim, spec.n_classes) if spec.classifier else None
+        if spec.decoder:
+            self.toZ_mean = linear(h_dim, spec.z_dim)
+            self.toZ_logvar = linear(h_dim, spec.z_dim, bias=False)
+            down = list(reversed(sizes))  # [F, ..., F, in]
+            if spec.dg_prop > 0:
+                self.fromZ = GatedLinear(spec.z_dim, down[0], spec.n_classes, spec.dg_prop, generator)
+                self.fcD_hidden = nn.ModuleList(
+                    GatedLinear(a, b, spec.n_classes, spec.dg_prop, generator)
+                    for a, b in zip(down[:-2], down[1:-1], strict=True))
+            else:
+                self.fromZ = linear(spec.z_dim, down[0])
+                self.fcD_hidden = nn.ModuleList(linear(a, b) for a, b in zip(down[:-2], down[1:-1], strict=True))
+            self.fcD_out = linear(down[-2], down[-1])
+            if spec.gmm_prior:
+                self.z_class_means = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=generator))
+                self.z_class_logvars = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=generator))
+
+    @property
+    def gated(self) -> bool:
+        return self.spec.decoder and self.spec.dg_prop > 0
+
+    # -- encoder and classifier
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """Encoder features e = fcE(flatten(h))."""
+        return self.fcE(h.flatten(1))
+
+    def classify(self, e: torch.Tensor) -> torch.Tensor:
+        """Logits over all classes from encoder features (classify "beforeZ")."""
+        return self.classifier(e)
+
+    def predict(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.encode(h))
+
+    # -- latent
+    def posterior(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(z | h)."""
+        return self.toZ_mean(e), self.toZ_logvar(e)
+
+    @staticmethod
+    def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    # -- decoder
+    def decode(self, z: torch.Tensor, gate_input: torch.Tensor | None) -> torch.Tensor:
+        """Decode z; `gate_input` [N x n_classes] (one-hot or soft class weights) picks the gates."""
+        if self.gated:
+            a = self.fromZ(z, gate_input)
+            for layer in self.fcD_hidden:
+                a = layer(a, gate_input)
+        else:
+            a = torch.relu(self.fromZ(z))
+            for layer in self.fcD_hidden:
+                a = torch.relu(layer(a))
+        out = self.fcD_out(a)
+        if self.spec.output == "sigmoid":
+            out = torch.sigmoid(out)
+        return out.view(-1, *self.spec.in_shape)
+
+    # -- sampling (reads the prior parameters directly; never changes train/eval mode, defect O5)
+    def sample_latent(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """z from the prior: the GMM mode of each class, or N(0, I) for the standard prior."""
+        n = classes.shape[0]
+        eps = torch.randn(n, self.spec.z_dim, generator=generator, device=classes.device)
+        if not self.spec.gmm_prior:
+            return eps
+        return self.z_class_means[classes] + torch.exp(0.5 * self.z_class_logvars[classes]) * eps
+
+    def generate(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Decoded samples of the given classes (gates = one-hot class)."""
+        gate = nn.functional.one_hot(classes, self.spec.n_classes).float() if self.gated else None
+        return self.decode(self.sample_latent(classes, generator), gate)

@@ -1,0 +1,125 @@
+"""Building blocks: fully connected layers, context-gated layers, the conv layers "C3-5x16-bn"."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tune_bir.errors import ConfigError
+
+
+def init_uniform_(layer: nn.Linear) -> nn.Linear:
+    """U(+-1/sqrt(fan_in)) for weight and bias (ALGORITHM.md 3.1)."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    nn.init.uniform_(layer.weight, -bound, bound)
+    if layer.bias is not None:
+        nn.init.uniform_(layer.bias, -bound, bound)
+    return layer
+
+
+def linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    return init_uniform_(nn.Linear(in_features, out_features, bias=bias))
+
+
+class MLP(nn.Sequential):
+    """Linear + ReLU layers of the given sizes (fcE)."""
+
+    def __init__(self, sizes: list[int]):
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [linear(n_in, n_out), nn.ReLU()]
+        super().__init__(*layers)
+
+
+class GatedLinear(nn.Module):
+    """Linear layer whose pre-activation is multiplied by a class-chosen binary gate (ALGORITHM.md 3.3).
+
+    The mask [n_classes x out] is drawn once (0 with probability `gate_prop`) and stored as a buffer,
+    so it is part of the state dict (the reference kept it as a plain tensor, defect O4).
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_classes: int, gate_prop: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.linear = linear(in_features, out_features)
+        keep = torch.rand(n_classes, out_features, generator=generator) >= gate_prop
+        self.register_buffer("mask", keep.float())
+
+    def forward(self, x: torch.Tensor, gate_input: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x) * (gate_input @ self.mask))
+
+
+class ConvBlock(nn.Module):
+    """conv (+ BN) (+ ReLU); attribute names match the published checkpoint's keys."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, final: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=True)
+        self.bn = None if final else nn.BatchNorm2d(c_out)
+        self.final = final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return x if self.final else torch.relu(self.bn(x))
+
+
+class ConvLayers(nn.Module):
+    """C3-5x16-bn: 5 conv layers 3->16->32->64->128->256, the last linear; 32x32 -> 256x2x2 (ALGORITHM.md 2)."""
+
+    channels = (3, 16, 32, 64, 128, 256)
+    out_shape = (256, 2, 2)
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = False
+        for i in range(5):
+            block = ConvBlock(self.channels[i], self.channels[i + 1], stride=1 if i == 0 else 2, final=i == 4)
+            self.add_module(f"convLayer{i + 1}", block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(5):
+            x = getattr(self, f"convLayer{i + 1}")(x)
+        return x
+
+    @property
+    def out_units(self) -> int:
+        return math.prod(self.out_shape)
+
+    def train(self, mode: bool = True) -> ConvLayers:
+        # frozen layers never leave eval mode: BN keeps the stored running statistics (defect F20)
+        return super().train(mode and not self.frozen)
+
+    def freeze(self) -> ConvLayers:
+        """No gradients and eval mode for good."""
+        self.requires_grad_(False)
+        self.frozen = True
+        return self.eval()
+
+
+def load_conv_layers(path: str | Path, device: torch.device) -> ConvLayers:
+    """Load frozen conv layers from ours (`pretrain`) or the original code's file; eval mode, no grad."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"pre-trained conv layers not found at {path}: run `python -m tune_bir.pretrain "
+                          f"--experiment CIFAR10` or pass --pretrained-conv PATH")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ConfigError(f"{path} is not a torch state dict of conv layers: {type(err).__name__}") from err
+    state = blob.get("state", blob) if isinstance(blob, dict) else None
+    conv = ConvLayers()
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} does not hold a state dict of the conv layers C3-5x16-bn")
+    expected = conv.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong_shape:
+        detail = (f"missing {missing[:3]}" if missing else
+                  f"unexpected {unexpected[:3]}" if unexpected else f"wrong shapes {wrong_shape[:3]}")
+        raise ConfigError(f"{path} does not match the conv layers C3-5x16-bn ({detail})")
+    conv.load_state_dict(state)
+    return conv.to(device).freeze()

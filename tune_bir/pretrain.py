@@ -1,0 +1,106 @@
+"""`python -m tune_bir.pretrain --experiment CIFAR10`: pre-train the conv layers used by CIFAR-100 BI-R.
+
+Recipe of ALGORITHM.md section 2: conv layers C3-5x16-bn + fc 1024-2000-2000 + linear to 10 classes,
+cross-entropy, Adam(1e-4), batch 256, 100 epochs, random crop (symmetric padding 4) + horizontal flip.
+Only the conv layers are kept: `{'state': state_dict}` at ./models/conv-CIFAR10.pt by default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PROG = "python -m tune_bir.pretrain"
+
+
+def build_parser():
+    from tune_bir.cli import OneLineArgumentParser
+
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="CIFAR10", choices=["CIFAR10"], help="pre-training data set")
+    p.add_argument("--epochs", type=int, default=100, help="epochs over the training set (default 100)")
+    p.add_argument("--max-iters", type=int, default=0, help="stop after this many iterations (0 = no limit)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="./models/conv-CIFAR10.pt", help="where the conv layers are written")
+    return p
+
+
+def symmetric_pad(x, pad: int):
+    """Mirror padding that repeats the edge pixel (torchvision's 'symmetric'), on the last two dims."""
+    import torch
+
+    x = torch.cat([x[..., :pad].flip(-1), x, x[..., -pad:].flip(-1)], dim=-1)
+    return torch.cat([x[..., :pad, :].flip(-2), x, x[..., -pad:, :].flip(-2)], dim=-2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tune_bir.errors import ConfigError
+
+    for name in ("epochs", "batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1")
+    if args.lr <= 0:
+        raise ConfigError("--lr must be > 0")
+    import kornia.augmentation as K
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    from tune_bir.data import load_protocol
+    from tune_bir.engine import resolve_device
+    from tune_bir.nets import MLP, ConvLayers, linear
+
+    device = resolve_device(args.device)
+    out = Path(args.out).expanduser().resolve()
+    protocol = load_protocol("CIFAR10", data_dir=args.data_dir, seed=args.seed)
+    torch.manual_seed(args.seed)
+    conv = ConvLayers().to(device)
+    head = nn.Sequential(nn.Flatten(), MLP([conv.out_units, 2000, 2000]), linear(2000, 10)).to(device)
+    model = nn.Sequential(conv, head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    augment = nn.Sequential(K.RandomCrop((32, 32)), K.RandomHorizontalFlip()).to(device)
+    x_train, y_train = protocol.train[0].x, protocol.train[0].y
+    rng = torch.Generator().manual_seed(args.seed)
+    iters_per_epoch = len(y_train) // args.batch
+    total = args.epochs * iters_per_epoch
+    if args.max_iters:
+        total = min(total, args.max_iters)
+    model.train()
+    with tqdm(total=total, desc="pre-training conv layers", unit="it", file=sys.stdout) as bar:
+        it = 0
+        while it < total:
+            perm = torch.randperm(len(y_train), generator=rng)
+            for b in range(iters_per_epoch):
+                if it >= total:
+                    break
+                idx = perm[b * args.batch:(b + 1) * args.batch]
+                x = augment(symmetric_pad(x_train[idx].to(device), 4))
+                loss = nn.functional.cross_entropy(model(x), y_train[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                it += 1
+                bar.update(1)
+                if it % 50 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    x_test, y_test = protocol.test[0].x, protocol.test[0].y
+    with torch.no_grad():
+        correct = sum(int((model(x_test[i:i + 1000].to(device)).argmax(1).cpu() == y_test[i:i + 1000]).sum())
+                      for i in range(0, len(y_test), 1000))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": {k: v.cpu() for k, v in conv.state_dict().items()}}, out)
+    print(f"CIFAR-10 test accuracy {correct / len(y_test):.4f} after {total} iterations")
+    print(f"conv layers written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from tune_bir.cli import run_main
+
+    sys.exit(run_main(PROG, main))
