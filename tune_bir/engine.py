@@ -23,7 +23,14 @@ from tune_bir import losses
 from tune_bir.config import BIRConfig
 from tune_bir.data import Protocol, load_protocol
 from tune_bir.errors import ConfigError
-from tune_bir.exaggeration import ExaggerationTerm, ReplayBatch, build_terms
+from tune_bir.exaggeration import (
+    ContrastiveReplay,
+    ExaggerationTerm,
+    ReplayBatch,
+    ReplayState,
+    build_contrastive,
+    build_terms,
+)
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, load_conv_layers
 from tune_bir.si import SynapticIntelligence
@@ -166,10 +173,10 @@ class Engine:
             gmm_prior=cfg.prior == "GMM", dg_prop=cfg.dg_prop if cfg.dg_gates else 0.0, output=decoder_out),
             init_rng).to(self.device) if generative and not cfg.feedback else None
 
-        self.terms: list[ExaggerationTerm] = build_terms(cfg, self)
-        extra_main_params = {id(p) for term in self.terms for p in term.own_parameters()}
-        self.optimizer = torch.optim.Adam(
-            [p for p in self.model.parameters() if id(p) not in extra_main_params], lr=cfg.lr, betas=(0.9, 0.999))
+        self.terms: list[ExaggerationTerm] = build_terms(cfg, self.recon_loss)
+        self.contrastive: ContrastiveReplay | None = build_contrastive(cfg, self)
+        # the main optimiser holds every trainable model parameter (the projection head is not one)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.generator_optimizer = torch.optim.Adam(
             self.generator_model.parameters(), lr=cfg.lr, betas=(0.9, 0.999)) if self.generator_model else None
         # SI scope: encoder and classifier (ALGORITHM.md 4 / defect O3); the rest keeps omega = 0
@@ -259,8 +266,15 @@ class Engine:
         target = self.scenario.targets(y, t)
         rnt = 1.0 / t
         replay = self._replay(h, t) if t > 1 and cfg.replay in ("generative", "current") else None
+        contrastive_loss = None
         if cfg.replay == "generative" and cfg.feedback:
-            total = self._feedback_loss(h, y, target, cols, rnt, replay, t)
+            total, e_replay = self._feedback_loss(h, y, target, cols, rnt, replay, t)
+            if self.contrastive is not None and replay is not None:
+                view = self.contrastive.second_view(replay[0])
+                if self.contrastive.train:
+                    e_views = torch.cat([e_replay, self.model.encode(view)])
+                    contrastive_loss = self.contrastive.loss(e_views, replay[1])
+                    self._log("contrastive", contrastive_loss)
         else:
             total = self._classifier_loss(h, target, cols, rnt, replay)
             if self.generator_model is not None:
@@ -270,14 +284,55 @@ class Engine:
             self._log("si", si_loss)
             total = total + si_loss
         self._log("total", total)
+        if contrastive_loss is None:
+            self._optimise(total)
+        else:
+            self._optimise_with_contrastive(total, cfg.lamda_contr * contrastive_loss)
+        self._loss_count += 1
+
+    def _optimise(self, total: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self._clip()
         self.optimizer.step()
         if self.si is not None:
             self.si.after_step()
-        self._loss_count += 1
+
+    def _clip(self) -> None:
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+
+    def _optimise_with_contrastive(self, total: torch.Tensor, contrastive_loss: torch.Tensor) -> None:
+        """Main step on L and encoder step on L_con (5.3); SI follows the main objective (section 4)."""
+        main_params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        enc_params = [p for group in self.contrastive.optimizer.param_groups for p in group["params"]]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.contrastive.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.contr_grad_mode == "reference":
+            # the original: fcE's gradient holds grad L + grad L_con and both optimisers step it
+            total.backward(retain_graph=True)  # L_con shares the replay pass through fcE
+            contrastive_loss.backward()
+            self.contrastive.optimizer.step()
+            self._clip()
+            self.optimizer.step()
+            if self.si is not None:
+                self.si.after_step()
+            return
+        main_grads = torch.autograd.grad(total, main_params, allow_unused=True, retain_graph=True)
+        enc_grads = torch.autograd.grad(contrastive_loss, enc_params, allow_unused=True)
+        for p, g in zip(main_params, main_grads, strict=True):
+            p.grad = g
+        self._clip()
+        self.optimizer.step()
+        si_grads = None
+        if self.si is not None:
+            by_id = {id(p): p.grad for p in main_params}
+            si_grads = {name: by_id[id(p)] for name, p in self.si.named_params.items()}
+        for p, g in zip(enc_params, enc_grads, strict=True):
+            p.grad = g
+        self.contrastive.optimizer.step()
+        if self.si is not None:
+            self.si.after_step(si_grads)
 
     @torch.no_grad()
     def _replay(self, h: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,9 +341,13 @@ class Engine:
         if self.cfg.replay == "current":  # LwF: the current inputs, scored by the previous model
             return h, self.previous.predict(h)[:, :k_prev]
         source = self.previous if self.generator_model is None else self.previous_generator
-        classes = torch.randint(0, k_prev, (self.cfg.batch_replay,), generator=self.rng, device=self.device)
-        h_replay = source.generate(classes, self.rng)
+        h_replay = source.generate(self._replay_classes(t), self.rng)
         return h_replay, self.previous.predict(h_replay)[:, :k_prev]
+
+    def _replay_classes(self, t: int) -> torch.Tensor:
+        """Classes to replay: uniform over the classes of tasks before `t`, with replacement."""
+        k_prev = self.scenario.cpt * (t - 1)
+        return torch.randint(0, k_prev, (self.cfg.batch_replay,), generator=self.rng, device=self.device)
 
     def _replay_class_weights(self, scores: torch.Tensor, n_classes: int) -> torch.Tensor:
         """Soft (distillation) or hard class weights of replayed samples, zero-padded to all classes."""
@@ -319,7 +378,7 @@ class Engine:
         return losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
                                    class_weights[:, :n_active])
 
-    def _feedback_loss(self, h, y, target, cols, rnt, replay, t) -> torch.Tensor:
+    def _feedback_loss(self, h, y, target, cols, rnt, replay, t) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay-through-feedback: current and replayed samples in ONE pass through the model (3.7)."""
         cfg, model = self.cfg, self.model
         n_cur, n_classes, n_active = len(y), self.scenario.n_outputs, cols.stop
@@ -347,9 +406,9 @@ class Engine:
                       "distillation": self._replay_prediction_loss(logits[rep], scores)}
             loss_replay = terms["recon_replay"] + terms["variational_replay"] + terms["distillation"]
             if self.terms:
-                batch = ReplayBatch(
-                    h=h_replay, scores=scores, e=e[rep], mu=mu[rep], logvar=logvar[rep], recon=recon[rep],
-                    class_weights=weights[rep], n_active=n_active, model=model, engine=self)
+                state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None, self.rng)
+                batch = ReplayBatch(h=h_replay, scores=scores, e=e[rep], mu=mu[rep], logvar=logvar[rep],
+                                    recon=recon[rep], state=state, model=model, image_pixels=P)
                 for term in self.terms:
                     value = term(batch)
                     terms[term.name] = value
@@ -359,7 +418,7 @@ class Engine:
             total = total + (1 - rnt) * loss_replay
         for name, value in terms.items():
             self._log(name, value)
-        return total
+        return total, (e[n_cur:] if replay is not None else None)
 
     def _classifier_loss(self, h, target, cols, rnt, replay) -> torch.Tensor:
         """Classifier alone (no replay, LwF, joint) or beside a separate generator."""
@@ -470,7 +529,7 @@ class Engine:
             "optimizer": self.optimizer.state_dict(),
             "generator_optimizer": sd(self.generator_optimizer),
             "si": None if self.si is None else self.si.state_dict(),
-            "terms": {term.name: term.state_dict() for term in self.terms},
+            "contrastive": None if self.contrastive is None else self.contrastive.state_dict(),
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "rng": {"engine": self.rng.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -493,8 +552,8 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.si is not None:
             self.si.load_state_dict(state["si"])
-        for term in self.terms:
-            term.load_state_dict(state["terms"][term.name])
+        if self.contrastive is not None:
+            self.contrastive.load_state_dict(state["contrastive"])
         self.sampler = None
         if state["sampler"] is not None:
             train = self._task_train_data(self.task + 1)

@@ -123,3 +123,13 @@ def load_conv_layers(path: str | Path, device: torch.device) -> ConvLayers:
         raise ConfigError(f"{path} does not match the conv layers C3-5x16-bn ({detail})")
     conv.load_state_dict(state)
     return conv.to(device).freeze()
+
+
+def load_aux_decoder(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """State of the auxiliary decoder that `pretrain --aux-decoder` trained and stored beside the conv layers."""
+    path = Path(path).expanduser().resolve()
+    blob = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(blob, dict) or "aux_decoder" not in blob:
+        raise ConfigError(f"{path} holds no trained auxiliary decoder: run `python -m tune_bir.pretrain "
+                          f"--experiment CIFAR10 --aux-decoder` or use --aux-decoder random")
+    return blob["aux_decoder"]

