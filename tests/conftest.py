@@ -1,4 +1,4 @@
-"""Shared test fixtures: CPU threads, fake CIFAR folders, and an unreachable network."""
+"""Shared test fixtures: CPU threads, fake MNIST / CIFAR folders, and an unreachable network."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def make_fake_cifar(root: str | os.PathLike, kind: str = "cifar-100", n_train_pe
         _dump(folder / "test_batch", batch(n_test_per_class, "testing batch")[0])
         _dump(folder / "batches.meta", {"label_names": [f"class_{i}" for i in range(10)],
                                         "num_cases_per_batch": n_train_per_class * 2, "num_vis": 3072})
+    return root
+
+
+def make_fake_mnist(root: str | os.PathLike, n_train_per_class: int = 6, n_test_per_class: int = 2,
+                    seed: int = 0) -> Path:
+    """Write tiny random-pixel MNIST idx files where torchvision's MNIST looks (root/MNIST/raw); return root."""
+    root = Path(root)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n_per_class in (("train", n_train_per_class), ("t10k", n_test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10, dtype=np.uint8), n_per_class))
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        # idx header: magic (0x08 = uint8, then the number of dimensions), then each size, big-endian
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([0x803, len(labels), 28, 28], ">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([0x801, len(labels)], ">i4").tobytes() + labels.tobytes())
     return root
 
 

@@ -99,8 +99,7 @@ def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", se
     if spec is None:
         raise ConfigError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
     n_tasks = spec.default_tasks if n_tasks is None else n_tasks
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1 \
-            or spec.n_classes % n_tasks:
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1 or spec.n_classes % n_tasks:
         raise ConfigError(f"--tasks={n_tasks} does not divide the {spec.n_classes} classes of {experiment}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
@@ -138,8 +137,7 @@ def _build(experiment: str, spec: _Spec, raw: _Raw, seed: int, n_tasks: int, val
     relabel = torch.from_numpy(perm).long()
     cpt = spec.n_classes // n_tasks
     y_train, y_test = relabel[raw.y_train], relabel[raw.y_test]
-    task_train, task_test = torch.div(y_train, cpt, rounding_mode="floor"), torch.div(
-        y_test, cpt, rounding_mode="floor")
+    task_train, task_test = y_train // cpt, y_test // cpt
     train, val, test = [], [], []
     for k in range(n_tasks):
         idx = torch.nonzero(task_train == k).squeeze(1)
@@ -212,9 +210,10 @@ def _read_torchvision(experiment: str, source: str, root: str, download: bool) -
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         if len(reason) > 200:
             reason = reason[:197] + "..."
+        failure = "the download failed" if download else "downloading is off"
         raise DataUnavailableError(
-            f"{experiment} data ({source}) is not in {root} and could not be downloaded ({reason}); "
-            f"put the torchvision {source} files in {root} or rerun with network access, "
+            f"{experiment}: no usable {source} data in {root} and {failure} ({reason}); fill {root} "
+            f"(torchvision's layout, e.g. by running once with network access) "
             f"or use --experiment splitMNIST5k, which works offline") from exc
     if source == "MNIST":
         return _Raw(train.data.unsqueeze(1).contiguous(), train.targets.long(),

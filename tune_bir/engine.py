@@ -76,6 +76,8 @@ class HiddenData:
 def _through_conv(conv: ConvLayers | None, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if conv is None:
         return x.to(device)
+    if len(x) == 0:
+        return torch.empty(0, *ConvLayers.out_shape, device=device)
     # conv layers are frozen (eval, no grad): their features of real images are deterministic -> cache
     return torch.cat([conv(x[i:i + EVAL_BATCH].to(device)) for i in range(0, len(x), EVAL_BATCH)])
 
