@@ -502,7 +502,9 @@ class Engine:
             if finished:
                 history.append(row)
         count = max(self._loss_count, 1)
-        metrics |= {f"loss/{name}": float(value) / count for name, value in self._loss_sums.items()}
+        # loss terms are reported as loss/<name>; diagnostics already carry their own prefix (stats/...)
+        metrics |= {(name if "/" in name else f"loss/{name}"): float(value) / count
+                    for name, value in self._loss_sums.items()}
         return metrics
 
     def evaluate(self) -> dict[str, float]:

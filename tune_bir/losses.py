@@ -1,0 +1,195 @@
+"""Batched loss and divergence functions of BI-R and the exaggeration terms (ALGORITHM.md 3.4, 3.5, 5).
+
+Pure tensor functions: no models, no configuration objects, no loops over samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------
+# Reconstruction (3.5)
+
+
+def recon_bce(target: Tensor, recon: Tensor) -> Tensor:
+    """Per-sample mean binary cross-entropy of a sigmoid reconstruction, shape [N] (3.5)."""
+    # torch's BCE clamps log at -100 and guards its gradient, so recon values of exactly 0 or 1 are safe
+    return F.binary_cross_entropy(recon, target, reduction="none").flatten(1).mean(1)
+
+
+def recon_half_mse(target: Tensor, recon: Tensor) -> Tensor:
+    """Per-sample mean of 0.5 * squared error, shape [N] (3.5; the 0.5 is the reference's "MSE")."""
+    return (0.5 * (target - recon).square()).flatten(1).mean(1)
+
+
+RECON_LOSSES = {"BCE": recon_bce, "MSE": recon_half_mse}
+
+# ----------------------------------------------------------------------------------------------------
+# Latent densities and the variational term (3.4, 3.5)
+
+
+def log_normal_diag(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, exp(logvar)) summed over the last dim, without the -0.5*log(2*pi) constant (notation)."""
+    return -0.5 * (logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)
+
+
+def gmm_log_prob(z: Tensor, means: Tensor, logvars: Tensor, weights: Tensor) -> Tensor:
+    """log sum_c weights[n, c] * N(z_n; means_c, logvars_c), shape [N], shifted and floored as in 3.4."""
+    log_density = log_normal_diag(z[:, None, :], means[None], logvars[None])  # [N, C]
+    tiny = torch.finfo(log_density.dtype).tiny
+    # Shifting by the largest WEIGHTED term (not by the largest density) keeps a one-hot mixture exact when z
+    # lies far closer to a zero-weight mode; the clamp keeps log(0) out of the gradient of zero weights.
+    log_weights = torch.where(weights > 0, weights.clamp_min(tiny).log(), -math.inf)
+    terms = log_density + log_weights
+    shift = terms.amax(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, log_density.amax(1, keepdim=True))  # all-zero row
+    total = torch.exp(terms - shift).sum(1, keepdim=True)
+    return (shift + total.clamp_min(1e-40).log()).squeeze(1)
+
+
+def variational_loss(z: Tensor, mu: Tensor, logvar: Tensor, log_prior: Tensor, n_pixels: int) -> Tensor:
+    """Single-sample KL estimate mean_n(log q(z|x) - log p(z)) / n_pixels (3.5, quirk O7: image pixels)."""
+    return (log_normal_diag(z, mu, logvar) - log_prior).mean() / n_pixels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distillation (3.5)
+
+
+def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean cross-entropy from zero-padded softmax_T(teacher) to log_softmax_T(student) (3.5)."""
+    n_active, n_previous = logits.shape[1], target_logits.shape[1]
+    if n_previous > n_active:
+        raise ValueError(f"teacher has {n_previous} classes but the student only {n_active}")
+    # the teacher's scores are targets: no gradient reaches them
+    q = F.pad(torch.softmax(target_logits.detach() / temperature, dim=1), (0, n_active - n_previous))
+    log_p = F.log_softmax(logits / temperature, dim=1)
+    return temperature**2 * -(q * log_p).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Divergences between diagonal Gaussians (5.1), summed over the last dim; all broadcast
+
+
+def kl_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
+    """KL(a || b) between diagonal Gaussians, summed over the last dim (5.1)."""
+    log_ratio = lv_a - lv_b
+    # expm1(r) - r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio + (mu_b - mu_a).square() * torch.exp(-lv_b)).sum(-1)
+
+
+def _kl_to_midpoint(log_ratio: Tensor, sq_diff: Tensor, lv: Tensor) -> Tensor:
+    """Per-dim KL(x || m) with mean_m = mean of the two means and log_ratio = lv_m - lv_x (5.1)."""
+    # expm1(-r) + r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
+    return 0.5 * (torch.expm1(-log_ratio) + log_ratio + 0.25 * sq_diff * torch.exp(-lv - log_ratio))
+
+
+def _js_with_midpoint(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor, var_scale: float,
+                      mean_gap_scale: float) -> Tensor:
+    """0.5*(KL(a||m) + KL(b||m)) with var_m = var_scale*(var_a + var_b) + mean_gap_scale*(mu_a - mu_b)^2."""
+    sq_diff = (mu_a - mu_b).square()
+    # lv_m - lv_a computed relative to var_a, so that it is exactly log(1) = 0 when a == b
+    ratio_a = torch.log(var_scale * (1.0 + torch.exp(lv_b - lv_a)) + mean_gap_scale * sq_diff * torch.exp(-lv_a))
+    ratio_b = torch.log(var_scale * (1.0 + torch.exp(lv_a - lv_b)) + mean_gap_scale * sq_diff * torch.exp(-lv_b))
+    per_dim = 0.5 * (_kl_to_midpoint(ratio_a, sq_diff, lv_a) + _kl_to_midpoint(ratio_b, sq_diff, lv_b))
+    return per_dim.sum(-1)
+
+
+def js_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
+    """Jensen-Shannon via the moment-matched mixture (5.1 "js"): symmetric, zero iff a == b."""
+    return _js_with_midpoint(mu_a, lv_a, mu_b, lv_b, var_scale=0.5, mean_gap_scale=0.25)
+
+
+def js_ref_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
+    """The reference's JS formula (5.1 "js_ref", defect F10): midpoint variance 0.25*(var_a + var_b)."""
+    return _js_with_midpoint(mu_a, lv_a, mu_b, lv_b, var_scale=0.25, mean_gap_scale=0.0)
+
+
+DIVERGENCES = {"kl": kl_diag_gauss, "js": js_diag_gauss, "js_ref": js_ref_diag_gauss}
+
+
+def inverse_clamped(d: Tensor, d_min: float) -> Tensor:
+    """1 / max(d, d_min) elementwise; NaN distances count as d_min and pass no gradient (5.1, F9)."""
+    d = torch.where(torch.isnan(d), torch.full_like(d, d_min), d)
+    return d.clamp_min(d_min).reciprocal()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Supervised contrastive learning (5.3)
+
+
+def label_positive_weights(labels: Tensor) -> Tensor:
+    """[N, N] float: 1 where labels are equal, 0 elsewhere and on the diagonal (5.3)."""
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    return same.to(torch.get_default_dtype())
+
+
+def soft_positive_weights(scores: Tensor, temperature: float) -> Tensor:
+    """[N, N] q_i . q_j with q = softmax(scores / T), zero diagonal, values in [0, 1] (5.3 --c-scores, F18)."""
+    q = torch.softmax(scores / temperature, dim=1)
+    weights = q @ q.T
+    return weights.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), 0.0)
+
+
+def _without_self(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The boolean self mask [N, N] and the weights with their diagonal zeroed."""
+    eye = torch.eye(weights.shape[0], dtype=torch.bool, device=weights.device)
+    return eye, weights.masked_fill(eye, 0.0)
+
+
+def _mean_over_positives(log_prob: Tensor, weights: Tensor, temperature: float, base_temperature: float,
+                         ) -> Tensor:
+    """mean_i -(T / T_base) * sum_j w_ij lp_ij / max(sum_j w_ij, 1e-8) (5.3)."""
+    per_anchor = (weights * log_prob).sum(1) / weights.sum(1).clamp_min(1e-8)
+    return -(temperature / base_temperature) * per_anchor.mean()
+
+
+def supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
+                base_temperature: float = 0.07) -> Tensor:
+    """Supervised contrastive loss on L2-normalised features [N, D], self excluded everywhere (5.3)."""
+    if features.shape[0] < 2:
+        return features.sum() * 0.0
+    eye, weights = _without_self(positive_weights)
+    logits = features @ features.T / temperature
+    # shift by the largest NON-self logit: every denominator is then >= 1 and cannot underflow
+    shift = logits.masked_fill(eye, -math.inf).amax(1, keepdim=True).detach()
+    logits = logits - shift
+    log_denominator = torch.exp(logits.masked_fill(eye, -math.inf)).sum(1, keepdim=True).log()
+    log_prob = (logits - log_denominator).masked_fill(eye, 0.0)
+    return _mean_over_positives(log_prob, weights, temperature, base_temperature)
+
+
+def hard_negative_supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
+                              tau_plus: float = 0.05, beta: float = 1.0, base_temperature: float = 0.07) -> Tensor:
+    """SupCon with debiased, hardness-reweighted negatives Neg(i) = {j != i : w_ij = 0} (5.3 --c-hard, F19)."""
+    if features.shape[0] < 2:
+        return features.sum() * 0.0
+    eye, weights = _without_self(positive_weights)
+    positive = (weights > 0) & ~eye
+    negative = (weights == 0) & ~eye
+    n_pos, n_neg = positive.sum(1).to(features.dtype), negative.sum(1).to(features.dtype)
+    logits = features @ features.T / temperature
+    # The denominator is homogeneous of degree 1 in exp(logits) except for the floor n*exp(-1/T), so shifting
+    # each row by its largest non-self logit (and the floor with it) is exact and cannot overflow.
+    shift = logits.masked_fill(eye, -math.inf).amax(1, keepdim=True).detach()
+    logits = logits - shift
+    e = torch.exp(logits.masked_fill(eye, -math.inf))
+    # hardness weights e^beta / mean_Neg e^beta, taken relative to the hardest negative so the mean cannot
+    # underflow; exp(beta * x) rather than pow() keeps the gradient finite where exp(x) underflows to 0
+    neg_logits = logits.masked_fill(~negative, -math.inf)
+    hardest = neg_logits.amax(1, keepdim=True)
+    hardest = torch.where(torch.isfinite(hardest), hardest, torch.zeros_like(hardest))  # anchors without negatives
+    mean_importance = torch.exp(beta * (neg_logits - hardest)).sum(1) / n_neg.clamp_min(1.0)
+    reweighted = torch.exp(hardest.squeeze(1)) * torch.exp((beta + 1.0) * (neg_logits - hardest)).sum(1) \
+        / torch.where(n_neg > 0, mean_importance, torch.ones_like(mean_importance))
+    positive_sum = torch.where(positive, e, torch.zeros_like(e)).sum(1)
+    debiased = (reweighted - tau_plus * n_neg * positive_sum / n_pos.clamp_min(1.0)) / (1.0 - tau_plus)
+    floor = n_neg * torch.exp(-1.0 / temperature - shift.squeeze(1))
+    denominator = positive_sum + torch.maximum(debiased, floor)
+    log_prob = (logits - denominator.clamp_min(torch.finfo(e.dtype).tiny).log()[:, None]).masked_fill(eye, 0.0)
+    return _mean_over_positives(log_prob, weights, temperature, base_temperature)

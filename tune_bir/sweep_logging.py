@@ -1,0 +1,164 @@
+"""MLflow logging of a sweep: one parent run per sweep, one child run per trial, one call per result.
+
+Ray's stock `MLflowLoggerCallback` makes one blocking call per metric key (~0.5 s per result on
+sqlite), cannot tell a completed trial from one ASHA stopped, and opens a second run for every
+trial of a resumed sweep (RAY_NOTES.md). `MlflowSweepCallback` runs on the driver, logs each
+per-task result with ONE `MlflowClient.log_batch`, tags every run with `trial_status`, and finds
+its runs again by the sweep id and the Tune trial id, so a resumed sweep continues them.
+
+Run layout: parent tags `tune_bir.sweep_id`, `tune_bir.role=parent`; child tags
+`tune_bir.sweep_id`, `trial_id`, `trial_name`, `mlflow.parentRunId`, `trial_status`, and
+`tune_bir.last_task` (the last task whose metrics were logged, so nothing is logged twice).
+Params are the resolved config fields under their BIRConfig names, plus `seeds_per_trial` and
+`baseline`; metrics are logged at step = task (tasks finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
+
+from analysis.status import COMPLETED, ERRORED, STOPPED_EARLY, trial_status
+from trainables.bir import TRIAL_OPTIONS, split_config
+
+log = logging.getLogger(__name__)
+
+SWEEP_TAG = "tune_bir.sweep_id"
+ROLE_TAG = "tune_bir.role"
+LAST_TASK_TAG = "tune_bir.last_task"
+PARENT_TAG = "mlflow.parentRunId"
+_SKIP_KEYS = set(AUTO_RESULT_KEYS) | {"done", "diverged", "trial_id", "experiment_id", "experiment_tag",
+                                      "should_checkpoint"}
+_RUN_STATUS = {COMPLETED: "FINISHED", STOPPED_EARLY: "FINISHED"}   # diverged / errored -> FAILED
+_MAX_PARAMS_PER_BATCH = 100
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Id of the MLflow experiment `name`, created when missing."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def result_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics of DESIGN.md in a Tune result (Tune's bookkeeping and worker diagnostics left out)."""
+    return {k: float(v) for k, v in result.items()
+            if k not in _SKIP_KEYS and not k.startswith("worker/")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def trial_params(config: dict[str, Any]) -> dict[str, str]:
+    """MLflow params of a trial: every resolved config field plus the trial options."""
+    cfg, options = split_config(config)
+    values = cfg.resolved().to_dict() | {k: options[k] for k in TRIAL_OPTIONS}
+    return {k: str(v) for k, v in values.items()}
+
+
+class MlflowSweepCallback(Callback):
+    """Tune callback (driver side) writing each trial of one sweep to MLflow."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, n_tasks: int):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep_id = sweep_id
+        self.n_tasks = n_tasks
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}          # Tune trial id -> MLflow run id
+        self._last_task: dict[str, int] = {}     # Tune trial id -> last task logged
+        self._ended: set[str] = set()
+        self._iters: dict[str, int] = {}         # Tune trial id -> iterations per task
+
+    # the client and the caches are rebuilt after Tune unpickles the callback on --resume
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_client=None, _runs={}, _last_task={}, _ended=set(), _iters={})
+        return state
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+            self._find_existing_runs()
+        return self._client
+
+    def _find_existing_runs(self) -> None:
+        token = None
+        while True:
+            page = self._client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{self.sweep_id}'",
+                max_results=1000, page_token=token)
+            for run in page:
+                trial_id = run.data.tags.get("trial_id")
+                if trial_id:
+                    self._runs[trial_id] = run.info.run_id
+                    self._last_task[trial_id] = int(run.data.tags.get(LAST_TASK_TAG, 0))
+                    if run.info.status != "RUNNING":
+                        self._ended.add(trial_id)
+            token = page.token
+            if not token:
+                break
+
+    def setup(self, **info: Any) -> None:
+        _ = self.client
+
+    def _run_id(self, trial: Any) -> str:
+        client = self.client
+        trial_id = trial.trial_id
+        if trial_id in self._runs:
+            if trial_id in self._ended:   # resumed or restored after it was closed
+                client.update_run(self._runs[trial_id], status="RUNNING")
+                self._ended.discard(trial_id)
+            return self._runs[trial_id]
+        run = client.create_run(self.experiment_id, run_name=str(trial), tags={
+            SWEEP_TAG: self.sweep_id, PARENT_TAG: self.parent_run_id, "trial_id": trial_id,
+            "trial_name": str(trial), LAST_TASK_TAG: "0"})
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in trial_params(trial.config).items()]
+        for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
+        self._runs[trial_id] = run_id
+        self._last_task[trial_id] = 0
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        task = int(result.get("task", 0))
+        if trial.trial_id not in self._iters:
+            self._iters[trial.trial_id] = split_config(trial.config)[0].resolved().iters
+        ends_task = result.get("iters_done", -1) == task * self._iters[trial.trial_id]
+        if task <= self._last_task.get(trial.trial_id, 0) and not result.get("diverged"):
+            return
+        if not (ends_task or result.get("diverged")):
+            return   # a segment inside a task: metrics are logged per task
+        run_id = self._run_id(trial)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, task) for k, v in result_metrics(result).items()]
+        tags = [RunTag(LAST_TASK_TAG, str(task))]
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._last_task[trial.trial_id] = task
+
+    def _end(self, trial: Any, status: str) -> None:
+        run_id = self._run_id(trial)
+        self.client.log_batch(run_id, tags=[RunTag("trial_status", status)])
+        self.client.set_terminated(run_id, status=_RUN_STATUS.get(status, "FAILED"))
+        self._ended.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, trial_status(trial.last_result, False, self.n_tasks))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, ERRORED)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON-safe copy of a metric value (NaN and inf become None)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

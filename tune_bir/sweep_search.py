@@ -1,0 +1,89 @@
+"""Optuna under Ray Tune, told the truth: the searcher of `python -m tune_bir.sweep`.
+
+Stock `OptunaSearch` reports a trial that ASHA stopped early as COMPLETE with its truncated score;
+in class-IL the accuracy after one or two tasks is high, so TPE would chase configs that were
+stopped for being bad (RAY_NOTES.md). Here every result is an intermediate value, a trial that
+trained every task is COMPLETE, one stopped early or diverged is PRUNED (Optuna then ranks it by
+its last intermediate value), and an errored one is FAIL. Each Optuna trial carries the Tune trial
+id and the status in its user attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from analysis.status import COMPLETED, ERRORED, trial_status
+from search_spaces import EXAGGERATION_OFF, SearchSpace
+
+log = logging.getLogger(__name__)
+
+BASELINE_ATTR = "tune_bir_baseline"
+
+
+class OptunaSpace:
+    """Define-by-run space of a `SearchSpace`; the enqueued baseline trial samples nothing."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        if trial.user_attrs.get(BASELINE_ATTR):
+            # no parameters: TPE learns nothing from the baseline about values it never used
+            return {**EXAGGERATION_OFF, "baseline": True}
+        return {**self.space.sample(trial), "baseline": False}
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports ASHA-stopped trials PRUNED (with intermediate values), errors FAIL."""
+
+    def __init__(self, space: SearchSpace, *, metric: str, mode: str, sampler: Any, n_tasks: int):
+        super().__init__(space=OptunaSpace(space), metric=metric, mode=mode, sampler=sampler)
+        self.n_tasks = n_tasks
+
+    @property
+    def study(self):
+        return self._ot_study
+
+    def enqueue_baseline(self) -> None:
+        """The first trial: the base config with every exaggeration off."""
+        self._ot_study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if trial_id in self._completed_trials or not _finite(value):
+            return
+        with warnings.catch_warnings():
+            # a trial restored from a checkpoint may report a step again: Optuna keeps the first value
+            warnings.simplefilter("ignore", UserWarning)
+            self._ot_trials[trial_id].report(float(value), int(result["training_iteration"]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        status = trial_status(result, error, self.n_tasks)
+        ot_trial.set_user_attr("trial_status", status)
+        value = (result or {}).get(self.metric)
+        if status == COMPLETED and _finite(value):
+            self._ot_study.tell(ot_trial, float(value), state=TrialState.COMPLETE)
+        elif status == ERRORED:
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        else:
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
