@@ -83,3 +83,42 @@ def test_pretrain_writes_conv_layers_that_a_cifar100_run_loads(tmp_path, fake_ci
                        f"--results-dir={tmp_path}", "--run-name=cifar"])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("acc_avg=")
+
+
+# The original research README's experiment lines (common part + each variant), issue 3 item 6.
+README_COMMON = ["--scenario=class", "--replay=generative", "--brain-inspired", "--si", "--dg-prop=0.6", "--pdf"]
+README_VARIANTS = {
+    "baseline": [],
+    "repulsion": ["--repulsion"],
+    "recon": ["--recon-repulsion", "--recon-attraction", "--recon-rep-aver"],
+    "not-hidden": ["--not-hidden"],
+    "contrastive": ["--contrastive", "--c-scores"],
+}
+
+
+@pytest.mark.parametrize("variant", README_VARIANTS)
+def test_original_readme_lines_run_on_split_mnist(tmp_path, variant):
+    out = run("tune_bir.train", "--experiment=splitMNIST5k", *README_COMMON, "--c=0.1", *README_VARIANTS[variant],
+              *FAST, "--run-name=line", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith("acc_avg=")
+    assert (tmp_path / "results" / "line.pdf").is_file()
+
+
+@pytest.mark.parametrize("variant", README_VARIANTS)
+def test_original_readme_lines_run_on_cifar100(tmp_path, fake_cifar_dir, capsys, variant):
+    # in-process: the fixture patches torchvision's md5 check of the generated CIFAR files in this process
+    import torch
+
+    from tune_bir import train
+    from tune_bir.nets import ConvLayers
+
+    conv = tmp_path / "conv.pt"
+    torch.save({"state": ConvLayers().state_dict()}, conv)
+    code = train.main(["--experiment=CIFAR100", *README_COMMON, "--c=1e8", *README_VARIANTS[variant],
+                       f"--data-dir={fake_cifar_dir}", f"--pretrained-conv={conv}", "--iters=2", "--batch=16",
+                       "--device=cpu", f"--results-dir={tmp_path}", "--run-name=cifar"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("acc_avg=")
+    record = (tmp_path / "cifar.json").read_text()
+    assert '"acc_task_10"' in record

@@ -51,11 +51,8 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def after_step(self, grads: dict[str, Tensor | None] | None = None) -> None:
-        """After an optimiser step: W += -g * (theta - old); old = theta.
-
-        grads: the gradient g that drove the step, per scope name (needed when .grad also holds a second
-        objective's gradient, 5.3); default: each parameter's current .grad. A None gradient counts as 0.
-        """
+        """After an optimiser step: W += -g * (theta - old); old = theta, with g = grads[name] or .grad (None = 0)."""
+        # explicit grads: .grad may also hold the contrastive objective's gradient, which SI must not see (4, 5.3)
         if grads is not None:
             missing = self.named_params.keys() - grads.keys()
             if missing:
