@@ -93,6 +93,18 @@ def prepare_hidden_data(protocol: Protocol, conv: ConvLayers | None, device: tor
                       protocol.n_classes, protocol.classes_per_task)
 
 
+@dataclass
+class VAEPass:
+    """What one pass through a BI-R model gives, per sample (ALGORITHM.md 3.2, 3.5)."""
+
+    e: torch.Tensor            # encoder features
+    mu: torch.Tensor           # posterior mean
+    logvar: torch.Tensor       # posterior log-variance
+    recon: torch.Tensor        # reconstruction of the input
+    recon_loss: torch.Tensor   # [N] reconstruction loss
+    variational: torch.Tensor  # [N] (log q(z|h) - log p(z)) / image pixels
+
+
 # ---------------------------------------------------------------------------------------------
 class Scenario:
     """Which output columns are active and what the targets are (ALGORITHM.md 1.3)."""
@@ -364,14 +376,15 @@ class Engine:
             return losses.distillation_loss(logits, scores, self.cfg.temp)
         return F.cross_entropy(logits, scores.argmax(1))
 
-    def _vae_terms(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder features, posterior, reconstruction and per-sample recon / prior terms of one VAE pass."""
+    def _vae_pass(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> VAEPass:
+        """One pass through encoder, latent and decoder, with per-sample reconstruction / variational terms."""
         e = model.encode(h)
         mu, logvar = model.posterior(e)
         z = model.reparameterise(mu, logvar, self.rng)
         recon = model.decode(z, class_weights if model.gated else None)
-        return e, mu, logvar, z, recon, self._log_prior(model, z, class_weights, n_active)
+        log_prior = self._log_prior(model, z, class_weights, n_active)
+        variational = (losses.log_normal_diag(z, mu, logvar) - log_prior) / self.data.image_pixels
+        return VAEPass(e, mu, logvar, recon, self.recon_loss(h, recon), variational)
 
     @staticmethod
     def _log_prior(model: BIRModel, z: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> torch.Tensor:
@@ -390,27 +403,25 @@ class Engine:
             h_replay, scores = replay
             weights = torch.cat([weights, self._replay_class_weights(scores, n_classes)])
             inputs = torch.cat([h, h_replay])
-        e, mu, logvar, z, recon, log_prior = self._vae_terms(model, inputs, weights, n_active)
-        logits = model.classify(e)[:, cols]
-        recon_per_sample = self.recon_loss(inputs, recon)
-        log_q = losses.log_normal_diag(z, mu, logvar)
-        P = self.data.image_pixels
+        vae = self._vae_pass(model, inputs, weights, n_active)
+        logits = model.classify(vae.e)[:, cols]
         cur = slice(0, n_cur)
-        terms = {"recon_current": recon_per_sample[cur].mean(),
-                 "variational_current": (log_q[cur] - log_prior[cur]).mean() / P,
+        terms = {"recon_current": vae.recon_loss[cur].mean(),
+                 "variational_current": vae.variational[cur].mean(),
                  "prediction": F.cross_entropy(logits[cur], target)}
         loss_current = sum(terms.values())
         total = rnt * loss_current
         if replay is not None:
             rep = slice(n_cur, None)
-            terms |= {"recon_replay": recon_per_sample[rep].mean(),
-                      "variational_replay": (log_q[rep] - log_prior[rep]).mean() / P,
+            terms |= {"recon_replay": vae.recon_loss[rep].mean(),
+                      "variational_replay": vae.variational[rep].mean(),
                       "distillation": self._replay_prediction_loss(logits[rep], scores)}
             loss_replay = terms["recon_replay"] + terms["variational_replay"] + terms["distillation"]
             if self.terms:
                 state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None, self.rng)
-                batch = ReplayBatch(h=h_replay, scores=scores, e=e[rep], mu=mu[rep], logvar=logvar[rep],
-                                    recon=recon[rep], state=state, model=model, image_pixels=P)
+                batch = ReplayBatch(h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
+                                    recon=vae.recon[rep], state=state, model=model,
+                                    image_pixels=self.data.image_pixels)
                 for term in self.terms:
                     value = term(batch)
                     terms[term.name] = value
@@ -420,7 +431,7 @@ class Engine:
             total = total + (1 - rnt) * loss_replay
         for name, value in terms.items():
             self._log(name, value)
-        return total, (e[n_cur:] if replay is not None else None)
+        return total, (vae.e[n_cur:] if replay is not None else None)
 
     def _classifier_loss(self, h, target, cols, rnt, replay) -> torch.Tensor:
         """Classifier alone (no replay, LwF, joint) or beside a separate generator."""
@@ -444,9 +455,8 @@ class Engine:
         if replay is not None:
             weights = torch.cat([weights, self._replay_class_weights(replay[1], n_classes)])
             inputs = torch.cat([h, replay[0]])
-        _, mu, logvar, z, recon, log_prior = self._vae_terms(gen, inputs, weights, n_active)
-        per_sample = self.recon_loss(inputs, recon) + (losses.log_normal_diag(z, mu, logvar) - log_prior) / \
-            self.data.image_pixels
+        vae = self._vae_pass(gen, inputs, weights, n_active)
+        per_sample = vae.recon_loss + vae.variational
         cur = per_sample[:len(y)].mean()
         self._log("generator_current", cur)
         loss = cur
