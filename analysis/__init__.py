@@ -1,0 +1,1 @@
+"""Finished sweeps -> tables and rankings (reads what `tune_bir.sweep` wrote)."""

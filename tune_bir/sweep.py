@@ -22,6 +22,7 @@ import math
 import os
 import shlex
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,9 @@ def _mlflow_parent(plan_json: dict[str, Any], tracking_uri: str, experiment_name
 def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     """Validate, run (or resume) a sweep, rank it, and log the summary; raises ConfigError on bad input."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a checkpoint per task and num_to_keep=2 force a (cheap, local) state snapshot per result: no warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.resume:
         sweep_dir = _resume_dir(args)
         plan_json = json.loads((sweep_dir / SWEEP_FILE).read_text())
@@ -305,12 +309,15 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
             tuner = _new_tuner(plan, exp_id, parent_run_id, tracking_uri)
         else:
             tuner = _restored_tuner(sweep_dir)
+        start = time.monotonic()
         try:
             grid = tuner.fit()
         except KeyboardInterrupt:
             _set_parent_status(tracking_uri, parent_run_id, "KILLED")
             raise
-        outcome = _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner)
+        budget = settings.get("time_budget")
+        budget_spent = budget is not None and time.monotonic() - start >= budget
+        outcome = _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, budget_spent)
     finally:
         if started_ray:
             import ray
@@ -387,23 +394,22 @@ def _trial_rows(grid: Any, plan_json: dict[str, Any]) -> tuple[list[dict[str, An
 
     n_tasks = plan_json["resolved_base_config"]["tasks"]
     names = list(plan_json["space"]["fixed"]) + list(plan_json["space"]["params"])
-    statuses = {t.trial_id: (t.status, str(t)) for t in getattr(grid, "_experiment_analysis").trials}
+    trials = grid._experiment_analysis.trials   # Trial objects carry Tune's status; no public accessor
     rows, unfinished = [], False
-    for result in grid:
-        metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        tune_status, trial_name = statuses.get(trial_id, ("TERMINATED", trial_id))
-        if tune_status not in ("TERMINATED", "ERROR"):
+    for trial in trials:
+        if trial.status not in ("TERMINATED", "ERROR"):
             unfinished = True
-        config = result.config or {}
-        row: dict[str, Any] = {"trial_id": trial_id, "trial_name": trial_name,
-                               "status": trial_status(metrics, result.error is not None, n_tasks),
-                               "tune_status": tune_status, "baseline": bool(config.get("baseline"))}
+            continue
+        metrics = dict(trial.last_result or {})
+        config = trial.config or {}
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_name": str(trial),
+                               "status": trial_status(metrics, trial.status == "ERROR", n_tasks),
+                               "baseline": bool(config.get("baseline"))}
         row |= {k: config.get(k) for k in names}
         row |= {k: v for k, v in metrics.items()
                 if k in ("task", "training_iteration", "time_total_s", "bwt", "forgetting_avg", "iters_done")
                 or k.startswith(("acc_", "val_"))}
-        row["path"] = result.path
+        row["path"] = trial.path
         rows.append(row)
     return rows, unfinished
 
@@ -434,7 +440,7 @@ def train_command(values: dict[str, Any]) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner) -> SweepOutcome:
+def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, budget_spent: bool) -> SweepOutcome:
     import csv
 
     from mlflow.entities import Metric, RunTag
@@ -444,6 +450,8 @@ def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner) -
     from tune_bir.sweep_logging import finite_or_none
 
     rows, unfinished = _trial_rows(grid, plan_json)
+    # Ctrl+C stops Tune quietly: trials still running, or fewer trials than asked for within the budget
+    unfinished = unfinished or (len(rows) < plan_json["cli"]["args"]["num_samples"] and not budget_spent)
     ranked = rank_trials(rows)
     best = ranked[0] if ranked else None
     values = best_values(plan_json, best) if best else None
@@ -487,8 +495,8 @@ def _print_summary(outcome: SweepOutcome) -> None:
     counts = {s: sum(r["status"] == s for r in outcome.rows) for s in ("completed", "stopped_early", "diverged",
                                                                         "errored")}
     print()
-    print(f"sweep {plan['name']}: {len(outcome.rows)} trials (" + ", ".join(f"{v} {k}" for k, v in counts.items())
-          + ")")
+    print(f"sweep {plan['name']}: {len(outcome.rows)} finished trials ("
+          + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
     if outcome.interrupted:
         print(f"the sweep was interrupted; continue it with: {PROG} --resume --name {plan['name']} "
               f"--storage-path {shlex.quote(str(outcome.sweep_dir.parent))}")
@@ -517,12 +525,9 @@ def _print_summary(outcome: SweepOutcome) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # a checkpoint per task and num_to_keep=2 force a (cheap, local) state snapshot per result: no warning
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     outcome = run_sweep(argv)
     _print_summary(outcome)
-    return 0
+    return 130 if outcome.interrupted else 0
 
 
 if __name__ == "__main__":

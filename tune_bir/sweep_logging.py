@@ -135,16 +135,18 @@ class MlflowSweepCallback(Callback):
         if trial.trial_id not in self._iters:
             self._iters[trial.trial_id] = split_config(trial.config)[0].resolved().iters
         ends_task = result.get("iters_done", -1) == task * self._iters[trial.trial_id]
-        if task <= self._last_task.get(trial.trial_id, 0) and not result.get("diverged"):
-            return
-        if not (ends_task or result.get("diverged")):
-            return   # a segment inside a task: metrics are logged per task
-        run_id = self._run_id(trial)
+        if ends_task:
+            step = task
+        elif result.get("diverged"):
+            step = task + 1          # it diverged while training the next task
+        else:
+            return                   # a segment inside a task: metrics are logged per task
+        if step <= self._last_task.get(trial.trial_id, 0):
+            return                   # already logged before the trial was restored from a checkpoint
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, task) for k, v in result_metrics(result).items()]
-        tags = [RunTag(LAST_TASK_TAG, str(task))]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
-        self._last_task[trial.trial_id] = task
+        metrics = [Metric(k, v, now, step) for k, v in result_metrics(result).items()]
+        self.client.log_batch(self._run_id(trial), metrics=metrics, tags=[RunTag(LAST_TASK_TAG, str(step))])
+        self._last_task[trial.trial_id] = step
 
     def _end(self, trial: Any, status: str) -> None:
         run_id = self._run_id(trial)

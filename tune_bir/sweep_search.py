@@ -61,8 +61,12 @@ class TruthfulOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(self.metric)
-        if trial_id in self._completed_trials or not _finite(value):
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        value = (result or {}).get(self.metric)
+        if not _finite(value) or "training_iteration" not in result:
             return
         with warnings.catch_warnings():
             # a trial restored from a checkpoint may report a step again: Optuna keeps the first value
@@ -72,6 +76,9 @@ class TruthfulOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
+        # Tune does not pass the result on which a scheduler stopped a trial to on_trial_result:
+        # without it, a pruned trial would be ranked by its score one rung earlier
+        self._report(trial_id, result)
         ot_trial = self._ot_trials[trial_id]
         status = trial_status(result, error, self.n_tasks)
         ot_trial.set_user_attr("trial_status", status)

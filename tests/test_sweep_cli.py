@@ -1,0 +1,102 @@
+"""`python -m tune_bir.sweep` before Ray starts: defaults, validation, one-line errors with exit code 2."""
+
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tune_bir.cli import run_main
+from tune_bir.config import BIRConfig
+from tune_bir.sweep import PROG, best_values, build_parser, main, plan_from_args, train_command
+from tune_bir.train import config_from_args
+
+
+def plan(*argv: str, tmp_path=None):
+    args = build_parser().parse_args([*argv, *(["--storage-path", str(tmp_path)] if tmp_path else [])])
+    return plan_from_args(args)
+
+
+def test_no_arguments_plan_the_embedded_splitmnist5k_repulsion_sweep(tmp_path):
+    p = plan(tmp_path=tmp_path)
+    cfg = p.resolved
+    assert (cfg.experiment, cfg.iters, cfg.val_fraction) == ("splitMNIST5k", 150, 0.1)
+    assert cfg.brain_inspired and cfg.si and cfg.replay == "generative"
+    assert p.space.name == "repulsion"
+    assert (p.args["num_samples"], p.args["max_concurrent"], p.args["cpus_per_trial"]) == (6, 2, 1.0)
+    assert (p.max_t, p.grace_t) == (5, 2)
+    assert p.sweep_dir.parent == tmp_path and p.sweep_dir.name.startswith("repulsion-splitMNIST5k-")
+
+
+def test_asha_budget_is_counted_in_segments(tmp_path):
+    p = plan("--iters", "100", "--segment-iters", "30", "--grace-period", "3", tmp_path=tmp_path)
+    assert (p.segments_per_task, p.max_t, p.grace_t) == (4, 20, 12)
+
+
+def test_base_flags_are_the_train_flags_and_paths_are_made_absolute(tmp_path):
+    p = plan("--experiment", "splitMNIST", "--c", "0.5", "--data-dir", "rel/data", "--no-si", tmp_path=tmp_path)
+    assert p.user_base["c"] == 0.5 and p.user_base["si"] is False
+    assert "iters" not in p.user_base                 # a named experiment keeps its own iterations
+    assert p.trial_base["data_dir"].startswith("/") and p.trial_base["data_dir"].endswith("rel/data")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--space", "bogus"], "unknown search space 'bogus'"),
+    (["--lamda-rep", "5"], "sets lamda_rep itself"),
+    (["--lamda-rep", "-1"], "--lamda-rep must be >= 0"),
+    (["--c", "-1"], "--c must be >= 0"),
+    (["--val-fraction", "0"], "--val-fraction must be > 0"),
+    (["--grace-period", "9"], "--grace-period must be 1..5 tasks"),
+    (["--reduction-factor", "1"], "--reduction-factor must be > 1"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--seeds-per-trial", "0"], "--seeds-per-trial must be >= 1"),
+    (["--no-brain-inspired"], "acts on replayed memories"),
+    (["--kl-js", "jsd"], "argument --kl-js: invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_code_2_before_ray_starts(tmp_path, capsys, argv, message):
+    try:
+        code = run_main(PROG, main, [*argv, "--storage-path", str(tmp_path / "rr")])
+    except SystemExit as exit_:   # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "rr").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_bad_user_space_files_fail_fast_on_the_real_command_line(tmp_path):
+    cases = {"broken.yaml": "params: [oops", "unknown.yaml": "params:\n  lamda_repp: {loguniform: [1, 2]}\n",
+             "empty.yaml": "fixed: {repulsion: true}\nparams:\n  lamda_rep: {loguniform: [5, 5]}\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "tune_bir.sweep", "--space", str(tmp_path / name)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"{PROG}: error: search space ") and out.stderr.count("\n") == 1
+        assert time.perf_counter() - start < 30 and not (tmp_path / "ray_results").exists()
+
+
+def test_existing_sweep_folder_needs_resume(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "sweep.json").write_text("{}")
+    assert run_main(PROG, main, ["--name", "taken", "--storage-path", str(tmp_path)]) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert run_main(PROG, main, ["--resume", "--name", "nope", "--storage-path", str(tmp_path)]) == 2
+    assert "no sweep to resume" in capsys.readouterr().err
+
+
+def test_best_config_becomes_a_runnable_train_line_and_json(tmp_path):
+    p = plan("--iters", "40", tmp_path=tmp_path)
+    plan_json = p.to_json()
+    row = {"baseline": False, "repulsion": True, "lamda_rep": 123.456789012345, "kl_js": "kl",
+           "use_rep_f": True, "rep_f": 6.5, "n_rep": 2}
+    values = best_values(plan_json, row)
+    line = train_command(values)
+    assert line.startswith("python -m tune_bir.train ") and "--lamda-rep=123.456789012345" in line
+    from_line = config_from_args(shlex.split(line)[3:])
+    assert from_line == BIRConfig.from_dict(values).resolved()
+    assert from_line.repulsion and from_line.rep_f == 6.5 and from_line.iters == 40
+    baseline = best_values(plan_json, {"baseline": True})
+    assert not BIRConfig.from_dict(baseline).resolved().uses_exaggeration

@@ -1,0 +1,83 @@
+"""An interrupted sweep (Ctrl+C) resumed with --resume: nothing re-run, no duplicate MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+SWEEP = [sys.executable, "-m", "tune_bir.sweep"]
+
+
+def results(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Tune trial id -> every result line the trial wrote."""
+    out = {}
+    for path in sweep_dir.glob("BIRTrainable_*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--storage-path", str(tmp_path / "rr"), "--name", "r", "--num-cpus", "2"]
+    first = subprocess.Popen([*SWEEP, "--iters", "30", "--batch", "32", "--num-samples", "4", "--max-concurrent",
+                              "2", "--grace-period", "2", "--reduction-factor", "2", "--mlflow-uri", uri, *common],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep_dir = tmp_path / "rr" / "r"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and first.poll() is None:
+        ends = [lines[-1].get("done") for lines in results(sweep_dir).values()]
+        if any(ends) and not all(ends):      # one trial finished, another one half-way
+            break
+        time.sleep(1)
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    first.send_signal(signal.SIGINT)        # Ctrl+C: Tune saves the experiment state and stops
+    output = first.communicate(timeout=300)[0]
+    assert first.returncode == 130, output[-3000:]
+    assert "--resume --name r" in output
+
+    before = results(sweep_dir)
+    finished_before = {tid: len(lines) for tid, lines in before.items() if lines[-1].get("done")}
+    assert finished_before and len(finished_before) < 4
+
+    second = subprocess.run([*SWEEP, "--resume", *common], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "best config" in second.stdout or "no trial trained" in second.stdout
+
+    after = results(sweep_dir)
+    assert len(after) == 4 and all(lines[-1].get("done") for lines in after.values())
+    for trial_id, count in finished_before.items():
+        assert len(after[trial_id]) == count          # completed trials were not run again
+    resumed = [lines for lines in after.values() if len({r["worker/pid"] for r in lines}) > 1]
+    assert resumed                                     # a trial that was half-way went on in the new session
+    for lines in after.values():                       # ... from its checkpoint, not from scratch
+        iterations = [r["training_iteration"] for r in lines]
+        assert iterations.count(1) == 1
+        assert sorted(set(iterations)) == list(range(1, max(iterations) + 1))
+
+    client = MlflowClient(uri)
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    parent_id = plan["mlflow"]["parent_run_id"]
+    runs = client.search_runs([plan["mlflow"]["experiment_id"]],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(after)      # one run per trial
+    assert all(r.info.status != "RUNNING" and "trial_status" in r.data.tags for r in runs)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc_avg")]
+        assert steps == list(range(1, len(steps) + 1))                          # no step logged twice
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert len(client.search_runs([plan["mlflow"]["experiment_id"]])) == len(runs) + 1

@@ -1,0 +1,132 @@
+"""BIRTrainable without a Ray session: checkpoints, actor reuse, data once per node, seeds, divergence."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tune_bir.data
+from trainables import BIRTrainable, data_cache
+from trainables import bir as trainable_module
+from tune_bir.config import BIRConfig
+from tune_bir.errors import ConfigError
+
+BASE = dict(replay="generative", brain_inspired=True, si=True, val_fraction=0.1, iters=6, batch=32, device="cpu")
+VOLATILE = ("time_this_step_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "time_since_restore",
+            "iterations_since_restore", "hostname", "node_ip", "pid", "done", "config", "trial_id",
+            "checkpoint_dir_name")
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path, monkeypatch):
+    """A fresh node cache folder and process memo per test."""
+    monkeypatch.setenv(data_cache.CACHE_DIR_ENV, str(tmp_path / "node-cache"))
+    data_cache.clear_memo()
+    yield tmp_path / "node-cache"
+    data_cache.clear_memo()
+
+
+def comparable(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in VOLATILE and not k.startswith("worker/")}
+
+
+def test_save_and_restore_continue_bit_identically(tmp_path):
+    config = dict(BASE, repulsion=True, lamda_rep=10.0, segment_iters=4)   # segments end inside tasks too
+    first = BIRTrainable(config=config)
+    for _ in range(3):                       # 4 | 2 (task 1 ends) | 4 iterations into task 2
+        first.train()
+    checkpoint = first.save(str(tmp_path / "ckpt"))
+    expected = [comparable(first.train()) for _ in range(3)]
+
+    second = BIRTrainable(config=config)
+    second.restore(checkpoint)
+    assert second.iteration == 3
+    resumed = [comparable(second.train()) for _ in range(3)]
+    assert resumed == expected
+    assert resumed[-1]["task"] == 3 and resumed[-1]["training_iteration"] == 6
+
+
+def test_reset_config_reuses_the_actor_and_its_data():
+    loads, setups = tune_bir.data.LOAD_COUNT, trainable_module.SETUP_CALLS
+    trainable = BIRTrainable(config=dict(BASE, repulsion=True, lamda_rep=1.0))
+    trainable.train()
+    assert trainable_module.SETUP_CALLS == setups + 1
+    assert trainable.reset(dict(BASE, repulsion=True, lamda_rep=1e4))
+    assert trainable.iteration == 0 and trainable.engines[0].task == 0
+    assert trainable.engines[0].cfg.lamda_rep == 1e4
+    first = trainable.train()
+    assert first["training_iteration"] == 1 and first["task"] == 1
+    assert trainable_module.SETUP_CALLS == setups + 1          # reset_config, not a second setup
+    assert tune_bir.data.LOAD_COUNT <= loads + 1                # the protocol was read at most once
+    assert data_cache.STATS["memo"] >= 1                        # the second config took the memoised data
+    assert first["worker/setups"] == trainable_module.SETUP_CALLS
+
+
+def test_data_is_loaded_once_per_node_and_memory_mapped_by_other_processes(node_cache):
+    cfg = BIRConfig.from_dict(dict(BASE, seed=11)).resolved()   # seed >= 10: a permuted class order
+    built_before = data_cache.STATS["built"]
+    data = data_cache.hidden_data(cfg, torch.device("cpu"))
+    assert data_cache.STATS["built"] == built_before + 1
+    checksum = float(sum(t.x.double().sum() + t.y.double().sum() for t in data.train + data.val + data.test))
+    probe = (
+        "import json, torch, tune_bir.data\n"
+        "from trainables import data_cache\n"
+        "from tune_bir.config import BIRConfig\n"
+        f"cfg = BIRConfig.from_dict({dict(BASE, seed=11)!r}).resolved()\n"
+        "d = data_cache.hidden_data(cfg, torch.device('cpu'))\n"
+        "s = float(sum(t.x.double().sum() + t.y.double().sum() for t in d.train + d.val + d.test))\n"
+        "print(json.dumps({'loads': tune_bir.data.LOAD_COUNT, 'stats': data_cache.STATS, 'sum': s}))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, data_cache.CACHE_DIR_ENV: str(node_cache)})
+    assert out.returncode == 0, out.stderr
+    other = json.loads(out.stdout.strip().splitlines()[-1])
+    assert other["loads"] == 0                                  # no real load in the second process
+    assert other["stats"] == {"built": 0, "mapped": 1, "memo": 0}
+    assert other["sum"] == checksum
+    assert len(list(node_cache.glob("*.pt"))) == 1
+
+
+def test_a_different_seed_is_different_data():
+    a = data_cache.data_key(BIRConfig.from_dict(dict(BASE, seed=0)).resolved())
+    b = data_cache.data_key(BIRConfig.from_dict(dict(BASE, seed=12)).resolved())
+    c = data_cache.data_key(BIRConfig.from_dict(dict(BASE, seed=0, lamda_rep=5.0)).resolved())
+    assert a != b and a == c
+
+
+def test_seeds_per_trial_trains_each_seed_and_reports_their_mean():
+    trainable = BIRTrainable(config=dict(BASE, seed=3, seeds_per_trial=2))
+    assert [e.cfg.seed for e in trainable.engines] == [3, 4]
+    result = trainable.train()
+    for key in ("acc_avg", "val_acc_avg", "loss/total"):
+        assert result[key] == pytest.approx((result[f"seed3/{key}"] + result[f"seed4/{key}"]) / 2)
+    assert result["seed3/loss/total"] != result["seed4/loss/total"]
+    assert result["time_this_step_s"] == pytest.approx(result["seed3/time_this_step_s"]
+                                                       + result["seed4/time_this_step_s"])
+
+
+def test_a_diverging_config_ends_its_trial_as_diverged():
+    trainable = BIRTrainable(config=dict(BASE, lr=1e30))   # the weights overflow within a few steps
+    result = trainable.train()
+    assert result["diverged"] is True and result["done"] is True
+    assert math.isnan(result["val_acc_avg"])
+
+
+def test_the_last_task_ends_the_trial_and_results_lead_with_the_selection_metric():
+    trainable = BIRTrainable(config=dict(BASE, iters=2))
+    results = [trainable.train() for _ in range(5)]
+    assert [r["done"] for r in results] == [False] * 4 + [True]
+    assert list(results[0])[:3] == ["task", "val_acc_avg", "acc_avg"]
+    assert "diverged" not in results[-1]
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(BASE, lamda_repp=1.0), "unknown config field"),
+    (dict(BASE, seeds_per_trial=0), "--seeds-per-trial must be an integer >= 1"),
+])
+def test_bad_trial_config_is_a_config_error(config, message):
+    with pytest.raises(ConfigError, match=message):
+        BIRTrainable(config=config)

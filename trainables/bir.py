@@ -1,0 +1,157 @@
+"""`BIRTrainable`: the tune_bir engine as a Ray Tune class Trainable; one `step()` = one segment.
+
+The Tune config is a flat dict of `BIRConfig` fields plus two trial options: `seeds_per_trial`
+(N engines, seeds seed..seed+N-1, trained side by side; results are their means, and each seed's
+values under `seed<k>/`) and `baseline` (a marker for the sweep's baseline trial; no effect here).
+Checkpoints hold every engine's whole state, so Ray can restore a failed trial and a sweep can be
+resumed. Data comes from `trainables.data_cache` (once per node, once per process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from ray import tune
+
+import tune_bir.data
+from trainables import data_cache
+from tune_bir.config import BIRConfig
+from tune_bir.engine import Engine, resolve_device
+from tune_bir.errors import ConfigError
+
+CHECKPOINT_FILE = "learner.pt"
+CHECKPOINT_FORMAT = 1
+TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False}
+# Diagnostics of the worker process, reported with every result (never used to select): they let
+# tests and users see actor reuse and data sharing at work.
+# Ray's progress table shows the first metrics of a result: these come first.
+LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
+WORKER_KEYS = ("worker/pid", "worker/setups", "worker/data_loads", "worker/data_cache_built",
+               "worker/data_cache_mapped")
+SETUP_CALLS = 0   # setup() calls in this process (a reused actor gets reset_config() instead)
+
+
+def split_config(config: dict[str, Any]) -> tuple[BIRConfig, dict[str, Any]]:
+    """(the BIRConfig of a Tune config, the trial options); raises ConfigError."""
+    values = {k: v for k, v in config.items() if not k.startswith("__")}
+    options = {name: values.pop(name, default) for name, default in TRIAL_OPTIONS.items()}
+    seeds = options["seeds_per_trial"]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds-per-trial must be an integer >= 1, got {seeds!r}")
+    return BIRConfig.from_dict(values), options
+
+
+def _trial_device(name: str) -> torch.device:
+    """`auto` inside a Ray trial means: the GPU Ray assigned to it, if any; else CPU."""
+    import ray
+
+    if name == "auto" and ray.is_initialized():
+        return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    return resolve_device(name)
+
+
+def _finite(value: float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+@torch.no_grad()
+def _model_is_finite(engine: Engine) -> bool:
+    """Weights, and the model's outputs on a few current-task inputs, are all finite."""
+    model = engine.model
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return False
+    task = engine.data.train[min(engine.task, engine.n_tasks - 1)]
+    h, y = task.x[:64], task.y[:64]
+    e = model.encode(h)
+    outputs = [e, model.classify(e)]
+    if model.spec.decoder:
+        mu, logvar = model.posterior(e)
+        gate = F.one_hot(y, model.spec.n_classes).float() if model.gated else None
+        outputs += [mu, logvar, model.decode(mu, gate)]
+    return all(bool(torch.isfinite(o).all()) for o in outputs)
+
+
+class BIRTrainable(tune.Trainable):
+    """BI-R(+SI) learner(s) of one trial."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        global SETUP_CALLS
+        SETUP_CALLS += 1
+        # Ray logs one INFO line per checkpoint to the driver's console: one per task and trial is noise
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        self._build(config)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._build(new_config)
+        return True
+
+    def _build(self, config: dict[str, Any]) -> None:
+        base, options = split_config(config)
+        device = _trial_device(base.device)
+        self.engines: list[Engine] = []
+        for k in range(options["seeds_per_trial"]):
+            cfg = dataclasses.replace(base, seed=base.seed + k, device=str(device)).resolved()
+            self.engines.append(Engine(cfg, data=data_cache.hidden_data(cfg, device)))
+        self.segment_iters = base.segment_iters or None
+        self.diverged = False
+
+    @property
+    def n_tasks(self) -> int:
+        return self.engines[0].n_tasks
+
+    def step(self) -> dict[str, Any]:
+        per_seed = [self._step_engine(engine) for engine in self.engines]
+        present = dict.fromkeys(k for m in per_seed for k in m)
+        keys = [k for k in LEADING_KEYS if k in present] + [k for k in present if k not in LEADING_KEYS]
+        result: dict[str, Any] = {k: sum(m.get(k, math.nan) for m in per_seed) / len(per_seed) for k in keys}
+        result["time_this_step_s"] = sum(m.get("time_this_step_s", 0.0) for m in per_seed)
+        if len(self.engines) > 1:
+            for engine, metrics in zip(self.engines, per_seed):
+                result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
+        self.diverged = self.diverged or not all(_finite(v) for v in result.values())
+        result |= self._worker_stats()
+        if self.diverged:
+            result["diverged"] = True
+        if self.diverged or all(engine.done for engine in self.engines):
+            result["done"] = True
+        return result
+
+    def _step_engine(self, engine: Engine) -> dict[str, float]:
+        try:
+            return engine.train_segment(self.segment_iters)
+        except (RuntimeError, ValueError):
+            # a numerical blow-up can surface as an error (e.g. BCE on a NaN reconstruction): when the
+            # model's own outputs are no longer finite that is divergence, a property of the config;
+            # anything else is a bug and fails the trial
+            if _model_is_finite(engine):
+                raise
+            return {"task": float(engine.task), "iters_done": float(engine.iters_done),
+                    "acc_avg": math.nan, "val_acc_avg": math.nan}
+
+    @staticmethod
+    def _worker_stats() -> dict[str, float]:
+        return {"worker/pid": float(os.getpid()), "worker/setups": float(SETUP_CALLS),
+                "worker/data_loads": float(tune_bir.data.LOAD_COUNT),
+                "worker/data_cache_built": float(data_cache.STATS["built"]),
+                "worker/data_cache_mapped": float(data_cache.STATS["mapped"])}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        torch.save({"format": CHECKPOINT_FORMAT, "diverged": self.diverged,
+                    "engines": [engine.state_dict() for engine in self.engines]},
+                   Path(checkpoint_dir) / CHECKPOINT_FILE)
+
+    def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        path = Path(checkpoint) / CHECKPOINT_FILE
+        state = torch.load(path, map_location=self.engines[0].device, weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT or len(state["engines"]) != len(self.engines):
+            raise ValueError(f"checkpoint {path} does not fit this trial ({len(self.engines)} seed(s))")
+        for engine, engine_state in zip(self.engines, state["engines"]):
+            engine.load_state_dict(engine_state)
+        self.diverged = bool(state["diverged"])

@@ -1,0 +1,123 @@
+"""Data once per node: the prepared per-task tensors, shared by every trial process on a machine.
+
+The first trial on a node loads the protocol (and runs the frozen conv layers over it, for CIFAR)
+under a file lock and writes the result to a node-local cache file; every later trial process
+memory-maps that file (`torch.load(mmap=True)`: the pages are shared through the OS page cache),
+and a reused trial actor takes the tensors from this process's memo without touching the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+import tune_bir.data
+from tune_bir.config import BIRConfig
+from tune_bir.engine import HiddenData, TaskTensors, prepare_hidden_data
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CACHE_DIR_ENV = "TUNE_BIR_CACHE_DIR"
+_MEMO_SIZE = 8
+_memo: OrderedDict[tuple[str, str], HiddenData] = OrderedDict()
+STATS = {"built": 0, "mapped": 0, "memo": 0}   # this process: cache files written / mapped / memo hits
+
+
+def cache_dir() -> Path:
+    """`$TUNE_BIR_CACHE_DIR`, else a per-user folder in the node's temporary directory."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"tune_bir-cache-{uid}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _code_fingerprint() -> str:
+    """Changes whenever the code that builds the tensors changes (stale cache files are never read)."""
+    digest = hashlib.sha256()
+    digest.update(Path(tune_bir.data.__file__).read_bytes())
+    digest.update(inspect.getsource(prepare_hidden_data).encode())
+    return digest.hexdigest()[:16]
+
+
+def data_key(cfg: BIRConfig) -> str:
+    """Everything the prepared tensors depend on, as a short digest (cfg must be resolved)."""
+    parts = {"format": CACHE_FORMAT, "code": _code_fingerprint(), "experiment": cfg.experiment,
+             "data_dir": str(Path(cfg.data_dir).expanduser().resolve()), "seed": cfg.seed, "tasks": cfg.tasks,
+             "val_fraction": cfg.val_fraction}
+    if cfg.protocol_family == "CIFAR":
+        conv = Path(cfg.pretrained_conv).expanduser().resolve()
+        stat = conv.stat() if conv.exists() else None
+        parts["conv"] = [str(conv), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def hidden_data(cfg: BIRConfig, device: torch.device) -> HiddenData:
+    """The protocol of a resolved config on `device`: memo, else node cache file, else a real load."""
+    key = data_key(cfg)
+    memo_key = (key, str(device))
+    if memo_key in _memo:
+        STATS["memo"] += 1
+        _memo.move_to_end(memo_key)
+        return _memo[memo_key]
+    folder = cache_dir()
+    path = folder / f"{cfg.experiment}-{key}.pt"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            data = _from_payload(torch.load(path, mmap=True, map_location="cpu", weights_only=True), device)
+            STATS["mapped"] += 1
+        else:
+            data = _build(cfg, device)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(_to_payload(data), tmp)
+            os.replace(tmp, path)
+            STATS["built"] += 1
+            log.info("cached %s data for seed %d in %s", cfg.experiment, cfg.seed, path)
+    _memo[memo_key] = data
+    while len(_memo) > _MEMO_SIZE:
+        _memo.popitem(last=False)
+    return data
+
+
+def _build(cfg: BIRConfig, device: torch.device) -> HiddenData:
+    protocol = tune_bir.data.load_protocol(cfg.experiment, data_dir=cfg.data_dir, seed=cfg.seed,
+                                           n_tasks=cfg.tasks, val_fraction=cfg.val_fraction)
+    conv = None
+    if cfg.protocol_family == "CIFAR":
+        from tune_bir.nets import load_conv_layers
+
+        conv = load_conv_layers(cfg.pretrained_conv, device)
+    return prepare_hidden_data(protocol, conv, device)
+
+
+def _to_payload(data: HiddenData) -> dict:
+    def splits(tasks: list[TaskTensors]) -> list[list[torch.Tensor]]:
+        return [[t.x.detach().cpu().contiguous(), t.y.detach().cpu().contiguous()] for t in tasks]
+
+    return {"format": CACHE_FORMAT, "train": splits(data.train), "val": splits(data.val),
+            "test": splits(data.test), "in_shape": list(data.in_shape), "image_pixels": data.image_pixels,
+            "n_classes": data.n_classes, "classes_per_task": data.classes_per_task}
+
+
+def _from_payload(payload: dict, device: torch.device) -> HiddenData:
+    def splits(items: list[list[torch.Tensor]]) -> list[TaskTensors]:
+        return [TaskTensors(x.to(device), y.to(device)) for x, y in items]
+
+    return HiddenData(splits(payload["train"]), splits(payload["val"]), splits(payload["test"]),
+                      tuple(payload["in_shape"]), int(payload["image_pixels"]), int(payload["n_classes"]),
+                      int(payload["classes_per_task"]))
+
+
+def clear_memo() -> None:
+    """Forget this process's memo (the node cache files stay)."""
+    _memo.clear()
