@@ -34,7 +34,8 @@ RUN pip install --no-cache-dir -c constraints.txt '.[cluster]' \
 # ---- runtime ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
 # rsync: the Ray cluster launcher copies its bootstrap files into the container with
-#   `rsync -e 'docker exec -i'`; wget: KubeRay's exec liveness/readiness probes.
+#   `rsync -e 'docker exec -i'`; wget: KubeRay's exec liveness/readiness probes and the head's MLflow
+#   health check in deploy/cluster.yaml.
 # No version pins: these come from the pinned Debian release of the base image and are not part of
 # what a sweep computes.
 # hadolint ignore=DL3008

@@ -263,6 +263,7 @@ def connected(cluster: LocalRayCluster, **init_kwargs) -> Iterator[None]:
     overrides = {**_QUIET, "RAY_ADDRESS": cluster.address}   # RAY_ADDRESS wins over ray.init(address=...)
     saved = {k: os.environ.get(k) for k in overrides}
     os.environ.update(overrides)
+    _reload_ray_config()
     try:
         ray.init(address=cluster.address, log_to_driver=False, **init_kwargs)
         yield
@@ -273,6 +274,24 @@ def connected(cluster: LocalRayCluster, **init_kwargs) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _reload_ray_config()
+
+
+def _reload_ray_config() -> None:
+    """Make Ray's C++ config of this process re-read RAY_AUTH_MODE.
+
+    A local ``ray.init()`` earlier in the same process (another test) sets RAY_AUTH_MODE=token and caches
+    it; a driver left in token mode then refuses the unauthenticated calls of this cluster's workers
+    ("Missing authorization header"), and actors such as Tune trials die before they start. Re-reading the
+    config and dropping the cached token is what Ray itself does when it switches modes
+    (ray._private.authentication.authentication_token_setup); both are private, hence the guard.
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:   # a Ray without token authentication: nothing is cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")

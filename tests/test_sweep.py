@@ -159,7 +159,8 @@ def test_optuna_is_told_what_really_happened(sweep):
         row = next(r for r in outcome.rows if r["trial_id"] == tune_id)
         ot = by_tune_id[tune_id]
         assert ot.user_attrs["trial_status"] == row["status"]
-        reported = {int(i): v for i, v in zip(df["training_iteration"], df["val_acc_avg"]) if v == v}  # no NaN
+        steps = zip(df["training_iteration"], df["val_acc_avg"], strict=True)
+        reported = {int(i): v for i, v in steps if v == v}   # NaN (a diverged step) is never reported
         assert ot.intermediate_values == pytest.approx(reported)
         if row["status"] == "completed":
             assert ot.state == optuna.trial.TrialState.COMPLETE and ot.value == pytest.approx(row["val_acc_avg"])
@@ -222,3 +223,41 @@ def test_best_config_json_runs_with_the_train_command(sweep, tmp_path):
     assert out.returncode == 0, out.stderr
     record = json.loads(Path(tmp_path / "results" / "best.json").read_text())
     assert record["config"]["iters"] == 8 and record["config"]["val_fraction"] == 0.1
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_dies_is_restored_from_its_checkpoint(ray_session, tmp_path):
+    import signal
+    import threading
+    import time
+
+    sweep_dir = tmp_path / "rr" / "fault"
+    killed: list[float] = []
+
+    def kill_a_worker_half_way() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            for path in sweep_dir.glob("BIRTrainable_*/result.json"):
+                lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                if len(lines) >= 2 and not lines[-1].get("done"):
+                    killed.append(lines[-1]["worker/pid"])
+                    os.kill(int(lines[-1]["worker/pid"]), signal.SIGKILL)   # a trial actor this test started
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_half_way, daemon=True)
+    killer.start()
+    outcome = run_sweep([*TINY, "--iters", "30", "--num-samples", "1", "--max-concurrent", "1", "--name", "fault",
+                         "--storage-path", str(tmp_path / "rr"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    killer.join(timeout=5)
+    assert killed
+    (row,) = outcome.rows
+    assert row["status"] == "completed" and row["task"] == 5
+    lines = [json.loads(x) for x in next(sweep_dir.glob("BIRTrainable_*/result.json")).read_text().splitlines()]
+    assert len({r["worker/pid"] for r in lines}) == 2                 # a new actor took over ...
+    iterations = [r["training_iteration"] for r in lines]
+    assert iterations.count(1) == 1 and max(iterations) == 5           # ... from the checkpoint, not from scratch
+    (run,) = child_runs(outcome)
+    assert run.data.tags["trial_status"] == "completed"
+    steps = [m.step for m in MlflowClient(outcome.tracking_uri).get_metric_history(run.info.run_id, "acc_avg")]
+    assert steps == [1, 2, 3, 4, 5]

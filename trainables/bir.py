@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from ray import tune
+from torch.nn import functional as F
 
 import tune_bir.data
 from trainables import data_cache
@@ -33,7 +33,7 @@ TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False}
 # tests and users see actor reuse and data sharing at work.
 # Ray's progress table shows the first metrics of a result: these come first.
 LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
-WORKER_KEYS = ("worker/pid", "worker/setups", "worker/data_loads", "worker/data_cache_built",
+WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/data_loads", "worker/data_cache_built",
                "worker/data_cache_mapped")
 SETUP_CALLS = 0   # setup() calls in this process (a reused actor gets reset_config() instead)
 
@@ -102,10 +102,6 @@ class BIRTrainable(tune.Trainable):
         self.segment_iters = base.segment_iters or None
         self.diverged = False
 
-    @property
-    def n_tasks(self) -> int:
-        return self.engines[0].n_tasks
-
     def step(self) -> dict[str, Any]:
         per_seed = [self._step_engine(engine) for engine in self.engines]
         present = dict.fromkeys(k for m in per_seed for k in m)
@@ -113,7 +109,7 @@ class BIRTrainable(tune.Trainable):
         result: dict[str, Any] = {k: sum(m.get(k, math.nan) for m in per_seed) / len(per_seed) for k in keys}
         result["time_this_step_s"] = sum(m.get("time_this_step_s", 0.0) for m in per_seed)
         if len(self.engines) > 1:
-            for engine, metrics in zip(self.engines, per_seed):
+            for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
         result |= self._worker_stats()
@@ -136,11 +132,17 @@ class BIRTrainable(tune.Trainable):
                     "acc_avg": math.nan, "val_acc_avg": math.nan}
 
     @staticmethod
-    def _worker_stats() -> dict[str, float]:
-        return {"worker/pid": float(os.getpid()), "worker/setups": float(SETUP_CALLS),
-                "worker/data_loads": float(tune_bir.data.LOAD_COUNT),
-                "worker/data_cache_built": float(data_cache.STATS["built"]),
-                "worker/data_cache_mapped": float(data_cache.STATS["mapped"])}
+    def _worker_stats() -> dict[str, Any]:
+        import ray
+
+        stats: dict[str, Any] = {
+            "worker/pid": float(os.getpid()), "worker/setups": float(SETUP_CALLS),
+            "worker/data_loads": float(tune_bir.data.LOAD_COUNT),
+            "worker/data_cache_built": float(data_cache.STATS["built"]),
+            "worker/data_cache_mapped": float(data_cache.STATS["mapped"])}
+        if ray.is_initialized():
+            stats["worker/node"] = ray.get_runtime_context().get_node_id()
+        return stats
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, "diverged": self.diverged,
@@ -152,6 +154,6 @@ class BIRTrainable(tune.Trainable):
         state = torch.load(path, map_location=self.engines[0].device, weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT or len(state["engines"]) != len(self.engines):
             raise ValueError(f"checkpoint {path} does not fit this trial ({len(self.engines)} seed(s))")
-        for engine, engine_state in zip(self.engines, state["engines"]):
+        for engine, engine_state in zip(self.engines, state["engines"], strict=True):
             engine.load_state_dict(engine_state)
         self.diverged = bool(state["diverged"])

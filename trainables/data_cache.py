@@ -8,6 +8,7 @@ and a reused trial actor takes the tensors from this process's memo without touc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -42,6 +43,7 @@ def cache_dir() -> Path:
     return path
 
 
+@functools.cache
 def _code_fingerprint() -> str:
     """Changes whenever the code that builds the tensors changes (stale cache files are never read)."""
     digest = hashlib.sha256()

@@ -213,7 +213,7 @@ class ContrastiveReplay:
 
             self.aux_decoder.load_state_dict(load_aux_decoder(cfg.pretrained_conv, device))
         self.optimizer = torch.optim.Adam(list(model.fcE.parameters()) + list(self.head.parameters()),
-                                          lr=cfg.c_lr, betas=(0.9, 0.999))
+                                          lr=cfg.c_lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
 
     @torch.no_grad()
     def second_view(self, h: torch.Tensor) -> torch.Tensor:

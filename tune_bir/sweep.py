@@ -102,6 +102,7 @@ class SweepPlan:
     resolved: BIRConfig
     segments_per_task: int
     args: dict[str, Any]
+    argv: list[str]
     sweep_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
@@ -126,7 +127,7 @@ class SweepPlan:
                 "asha": {"time_attr": "training_iteration", "max_t": self.max_t, "grace_period": self.grace_t,
                          "reduction_factor": self.args["reduction_factor"],
                          "segments_per_task": self.segments_per_task},
-                "cli": {"argv": sys.argv[1:], "args": self.args},
+                "cli": {"argv": self.argv, "args": self.args},
                 "versions": package_versions(), "git_commit": git_commit()}
 
 
@@ -166,7 +167,7 @@ def _storage_root(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def plan_from_args(args: argparse.Namespace) -> SweepPlan:
+def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> SweepPlan:
     """Validate flags, base config and space into a plan; raises ConfigError (exit 2, Ray not started)."""
     user_base = _base_values(args)
     resolved = BIRConfig.from_dict(user_base).resolved()
@@ -189,7 +190,8 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     if (sweep_dir / SWEEP_FILE).exists():
         raise ConfigError(f"sweep folder {sweep_dir} exists: add --resume to continue it, or choose another --name")
     return SweepPlan(name=name, sweep_dir=sweep_dir, space=space, user_base=user_base, trial_base=trial_base,
-                     resolved=resolved, segments_per_task=segments_per_task, args=_jsonable(vars(args)))
+                     resolved=resolved, segments_per_task=segments_per_task, args=_jsonable(vars(args)),
+                     argv=list(sys.argv[1:] if argv is None else argv))
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +291,7 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
         plan_json = json.loads((sweep_dir / SWEEP_FILE).read_text())
         connection = {"address": args.address, "num_cpus": args.num_cpus}
     else:
-        plan = plan_from_args(args)
+        plan = plan_from_args(args, argv)
         plan_json = plan.to_json()
         sweep_dir = plan.sweep_dir
         connection = plan.args

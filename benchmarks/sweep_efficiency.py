@@ -1,0 +1,150 @@
+"""How much ASHA saves, and what Ray costs per trial, measured in one run.
+
+The same N configs (the baseline plus N-1 drawn from a search space with a seeded sampler) are
+trained twice on a local Ray: once under ASHA with the sweep's settings and once each to the full
+budget. Printed: the ratio of segments trained (ASHA / full), the best `val_acc_avg` of each run
+among trials that trained every task, the test `acc_avg` of both winners, and Ray's overhead per
+trial = wall time of the trial (driver side, from start to completion) minus the time spent inside
+`step()`, i.e. actor start or reuse, setup, checkpoints and scheduling.
+
+    python benchmarks/sweep_efficiency.py                   # 8 configs, 200 iterations per task
+    python benchmarks/sweep_efficiency.py --num-configs 12 --iters 300 --grace-period 2 --reduction-factor 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from analysis.status import rank_trials, trial_status
+from search_spaces import EXAGGERATION_OFF, load_space
+from trainables import BIRTrainable
+from tune_bir.config import BIRConfig
+from tune_bir.sweep import METRIC, MODE, SWEEP_BASE, build_parser
+
+
+class TrialClock(tune.Callback):
+    """Driver-side wall time of each trial, from its start to its completion."""
+
+    def __init__(self):
+        self.started: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.perf_counter())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.wall[trial.trial_id] = time.perf_counter() - self.started[trial.trial_id]
+
+
+def sample_configs(space_name: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """The baseline, then n-1 configs of the space drawn with a seeded random sampler."""
+    space = load_space(space_name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    drawn = [{**EXAGGERATION_OFF, "baseline": True}]
+    drawn += [{**space.sample(study.ask()), "baseline": False} for _ in range(n - 1)]
+    return drawn
+
+
+def run(label: str, base: dict[str, Any], configs: list[dict[str, Any]], scheduler: Any, args: argparse.Namespace,
+        n_tasks: int, storage: str) -> dict[str, Any]:
+    clock = TrialClock()
+    # preset points may only set keys the param space has: every key any config sets, at its default
+    defaults = BIRConfig().to_dict() | {"baseline": False}
+    placeholders = {k: defaults[k] for config in configs for k in config if k not in base}
+    tuner = tune.Tuner(
+        tune.with_resources(BIRTrainable, {"cpu": 1}),
+        param_space={**placeholders, **base},
+        tune_config=tune.TuneConfig(
+            search_alg=BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=args.max_concurrent),
+            scheduler=scheduler, num_samples=len(configs), reuse_actors=True),
+        run_config=tune.RunConfig(name=label, storage_path=storage, callbacks=[clock], verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1,
+                                                                          checkpoint_at_end=True, num_to_keep=2)))
+    start = time.perf_counter()
+    grid = tuner.fit()
+    elapsed = time.perf_counter() - start
+    rows, overheads = [], []
+    for result in grid:
+        metrics = result.metrics
+        steps = result.metrics_dataframe
+        inside = float(steps["time_this_step_s"].sum())
+        wall = clock.wall[metrics["trial_id"]]
+        overheads.append((wall - inside, wall))
+        rows.append({"status": trial_status(metrics, result.error is not None, n_tasks),
+                     "segments": int(metrics["training_iteration"]), "val_acc_avg": metrics.get(METRIC),
+                     "acc_avg": metrics.get("acc_avg"), "baseline": bool(result.config.get("baseline"))})
+    ranked = rank_trials(rows)
+    return {"rows": rows, "best": ranked[0] if ranked else None, "overheads": overheads, "elapsed": elapsed,
+            "segments": sum(r["segments"] for r in rows)}
+
+
+def main() -> int:
+    sweep_defaults = build_parser().parse_args([])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-configs", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=200, help="iterations per task")
+    parser.add_argument("--space", default="repulsion")
+    parser.add_argument("--grace-period", type=int, default=sweep_defaults.grace_period, help="tasks")
+    parser.add_argument("--reduction-factor", type=float, default=sweep_defaults.reduction_factor)
+    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage-path", default="/tmp/tune_bir-sweep-efficiency")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    base = {**SWEEP_BASE, "iters": args.iters, "seed": args.seed, "device": "cpu"}
+    n_tasks = BIRConfig.from_dict(base).resolved().tasks
+    configs = sample_configs(args.space, args.num_configs, args.seed)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    storage = os.path.abspath(args.storage_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    asha = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=n_tasks,
+                         grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    early = run(f"asha-{stamp}", base, configs, asha, args, n_tasks, storage)
+    full = run(f"full-{stamp}", base, configs, FIFOScheduler(), args, n_tasks, storage)
+    ray.shutdown()
+
+    print(f"{len(configs)} configs of space '{args.space}' (baseline first), {args.iters} iterations per task, "
+          f"{n_tasks} tasks, {args.max_concurrent} trials at a time on {args.num_cpus} CPUs")
+    print(f"ASHA: grace period {args.grace_period} tasks, reduction factor {args.reduction_factor:g}")
+    ratio = early["segments"] / full["segments"]
+    print(f"segments trained: ASHA {early['segments']} / full {full['segments']} = {ratio:.3f} "
+          f"(wall {early['elapsed']:.0f} s / {full['elapsed']:.0f} s = {early['elapsed'] / full['elapsed']:.3f})")
+    for name, outcome in (("ASHA", early), ("full", full)):
+        best = outcome["best"]
+        statuses = {s: sum(r["status"] == s for r in outcome["rows"]) for s in ("completed", "stopped_early",
+                                                                                "diverged", "errored")}
+        if best is None:
+            print(f"{name}: no trial trained every task ({statuses})")
+            continue
+        print(f"{name}: best val_acc_avg {best['val_acc_avg']:.4f}, its test acc_avg {best['acc_avg']:.4f}"
+              f"{' (the baseline)' if best['baseline'] else ''}; {statuses}")
+    if early["best"] and full["best"]:
+        gap = 100 * (full["best"]["val_acc_avg"] - early["best"]["val_acc_avg"])
+        print(f"winner gap (full - ASHA): {gap:.2f} points val_acc_avg, "
+              f"{100 * (full['best']['acc_avg'] - early['best']['acc_avg']):.2f} points test acc_avg")
+    for name, outcome in (("ASHA", early), ("full", full)):
+        over = outcome["overheads"]
+        long = [(o, w) for o, w in over if w >= 60]
+        print(f"Ray overhead per trial ({name}): mean {statistics.mean(o for o, _ in over):.2f} s over "
+              f"{len(over)} trials; mean wall {statistics.mean(w for _, w in over):.1f} s"
+              + (f"; trials of a minute or more: {100 * sum(o for o, _ in long) / sum(w for _, w in long):.1f} % "
+                 f"of their wall time ({len(long)} trials)" if long else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
