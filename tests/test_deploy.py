@@ -1,4 +1,4 @@
-"""The deployment files (deploy/, Dockerfile, .dockerignore, docs/cluster.md) against the tools they feed:
+"""The deployment files (deploy/, Dockerfile, .dockerignore, the README's cluster section) against the tools they feed:
 Ray's cluster-launcher schema, the `ray start` CLI, the KubeRay RayJob layout, the sweep's own argument
 parser, and hadolint when it is installed. Fast, no network."""
 
@@ -207,12 +207,11 @@ def test_mlflow_server_matches_the_uri_the_sweep_uses() -> None:
 
 # --- docs ---------------------------------------------------------------------------------------------------
 def test_sweep_commands_in_the_cluster_doc_parse() -> None:
-    doc = ROOT / "docs" / "cluster.md"
-    if not doc.exists():
-        pytest.skip("docs/cluster.md was merged elsewhere")
-    blocks = re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Run on a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if SWEEP in c]
-    assert commands, "no sweep command in docs/cluster.md"
+    assert commands, "no sweep command in the README's cluster section"
     for command in commands:
         args = _parse_sweep_args(_sweep_argv(command.split("#")[0]))
         assert args.address == "auto", command
