@@ -7,13 +7,14 @@ among trials that trained every task, the test `acc_avg` of both winners, and Ra
 trial = wall time of the trial (driver side, from start to completion) minus the time spent inside
 `step()`, i.e. actor start or reuse, setup, checkpoints and scheduling.
 
-    python benchmarks/sweep_efficiency.py                   # 8 configs, 200 iterations per task
+    python benchmarks/sweep_efficiency.py                   # 8 configs, 300 iterations per task
     python benchmarks/sweep_efficiency.py --num-configs 12 --iters 300 --grace-period 2 --reduction-factor 4
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -37,8 +38,12 @@ class TrialClock(tune.Callback):
     """Driver-side wall time of each trial, from its start to its completion."""
 
     def __init__(self):
+        self.began = 0.0
         self.started: dict[str, float] = {}
         self.wall: dict[str, float] = {}
+
+    def setup(self, **info):
+        self.began = time.perf_counter()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.perf_counter())
@@ -79,21 +84,24 @@ def run(label: str, base: dict[str, Any], configs: list[dict[str, Any]], schedul
         metrics = result.metrics
         steps = result.metrics_dataframe
         inside = float(steps["time_this_step_s"].sum())
-        wall = clock.wall[metrics["trial_id"]]
+        # Tune reports a trial started once its actor is up and setup (or reset) is done: add that back
+        wall = clock.wall[metrics["trial_id"]] + float(steps["worker/setup_s"].iloc[0])
         overheads.append((wall - inside, wall))
         rows.append({"status": trial_status(metrics, result.error is not None, n_tasks),
                      "segments": int(metrics["training_iteration"]), "val_acc_avg": metrics.get(METRIC),
                      "acc_avg": metrics.get("acc_avg"), "baseline": bool(result.config.get("baseline"))})
     ranked = rank_trials(rows)
+    step_time = sum(float(r.metrics_dataframe["time_this_step_s"].sum()) for r in grid)
     return {"rows": rows, "best": ranked[0] if ranked else None, "overheads": overheads, "elapsed": elapsed,
-            "segments": sum(r["segments"] for r in rows)}
+            "segments": sum(r["segments"] for r in rows), "first_start": min(clock.started.values()) - clock.began,
+            "busy": step_time / (elapsed * args.max_concurrent)}
 
 
 def main() -> int:
     sweep_defaults = build_parser().parse_args([])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-configs", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=200, help="iterations per task")
+    parser.add_argument("--iters", type=int, default=300, help="iterations per task")
     parser.add_argument("--space", default="repulsion")
     parser.add_argument("--grace-period", type=int, default=sweep_defaults.grace_period, help="tasks")
     parser.add_argument("--reduction-factor", type=float, default=sweep_defaults.reduction_factor)
@@ -103,6 +111,8 @@ def main() -> int:
     parser.add_argument("--storage-path", default="/tmp/tune_bir-sweep-efficiency")
     args = parser.parse_args()
 
+    # preset configs set keys that the param space holds at their defaults: Tune warns for each, harmlessly
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     base = {**SWEEP_BASE, "iters": args.iters, "seed": args.seed, "device": "cpu"}
@@ -143,6 +153,9 @@ def main() -> int:
               f"{len(over)} trials; mean wall {statistics.mean(w for _, w in over):.1f} s"
               + (f"; trials of a minute or more: {100 * sum(o for o, _ in long) / sum(w for _, w in long):.1f} % "
                  f"of their wall time ({len(long)} trials)" if long else ""))
+        print(f"  whole run ({name}): first trials running {outcome['first_start']:.1f} s after the start (new "
+              f"actors: process, imports, setup); time inside step() = {100 * outcome['busy']:.0f} % of "
+              f"{args.max_concurrent} slots x {outcome['elapsed']:.0f} s")
     return 0
 
 

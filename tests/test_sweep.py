@@ -135,7 +135,7 @@ def test_parent_run_holds_sweep_json_best_config_and_results_table(sweep):
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"sweep.json", "results.csv", "best_config.json"} <= artifacts
-    described = json.loads((outcome.sweep_dir / "sweep.json").read_text())
+    described = json.loads((Path(outcome.sweep_dir) / "sweep.json").read_text())
     assert described["space"]["params"]["lamda_rep"]["distribution"] == "loguniform"
     assert described["base_config"]["iters"] == 8 and described["cli"]["argv"] is not None
     assert described["versions"]["ray"] and "git_commit" in described
@@ -147,7 +147,7 @@ def test_best_config_is_the_best_trial_that_trained_every_task(sweep):
     finished = [r for r in outcome.rows if r["status"] == "completed"]
     assert finished and all(r["task"] == 5 for r in finished)
     assert outcome.best["val_acc_avg"] == max(r["val_acc_avg"] for r in finished)
-    saved = json.loads((outcome.sweep_dir / "best_config.json").read_text())
+    saved = json.loads((Path(outcome.sweep_dir) / "best_config.json").read_text())
     assert saved == outcome.best_values
     assert BIRConfig.from_dict(saved).resolved().iters == 8
 
@@ -217,7 +217,7 @@ def test_gpus_the_cluster_lacks_are_refused_before_any_trial(ray_session, tmp_pa
 
 def test_best_config_json_runs_with_the_train_command(sweep, tmp_path):
     outcome, _ = sweep
-    out = subprocess.run([sys.executable, "-m", "tune_bir.train", "--config", str(outcome.sweep_dir /
+    out = subprocess.run([sys.executable, "-m", "tune_bir.train", "--config", str(Path(outcome.sweep_dir) /
                           "best_config.json"), "--run-name", "best"], capture_output=True, text=True,
                          cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr

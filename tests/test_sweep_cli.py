@@ -9,7 +9,7 @@ import pytest
 
 from tune_bir.cli import run_main
 from tune_bir.config import BIRConfig
-from tune_bir.sweep import PROG, best_values, build_parser, main, plan_from_args, train_command
+from tune_bir.sweep import PROG, SweepFolder, best_values, build_parser, main, plan_from_args, train_command
 from tune_bir.train import config_from_args
 
 
@@ -26,7 +26,7 @@ def test_no_arguments_plan_the_embedded_splitmnist5k_repulsion_sweep(tmp_path):
     assert p.space.name == "repulsion"
     assert (p.args["num_samples"], p.args["max_concurrent"], p.args["cpus_per_trial"]) == (6, 2, 1.0)
     assert (p.max_t, p.grace_t) == (5, 2)
-    assert p.sweep_dir.parent == tmp_path and p.sweep_dir.name.startswith("repulsion-splitMNIST5k-")
+    assert p.folder.root == str(tmp_path) and p.folder.name.startswith("repulsion-splitMNIST5k-")
 
 
 def test_asha_budget_is_counted_in_segments(tmp_path):
@@ -100,3 +100,16 @@ def test_best_config_becomes_a_runnable_train_line_and_json(tmp_path):
     assert from_line.repulsion and from_line.rep_f == 6.5 and from_line.iters == 40
     baseline = best_values(plan_json, {"baseline": True})
     assert not BIRConfig.from_dict(baseline).resolved().uses_exaggeration
+
+
+def test_sweep_folder_works_on_storage_uris_as_on_local_paths(tmp_path):
+    folder = SweepFolder.at(f"file://{tmp_path}/store/", "a")   # what s3:// or gs:// go through (pyarrow)
+    assert folder.location == f"file://{tmp_path}/store/a" and not folder.exists("sweep.json")
+    folder.write_text("sweep.json", "{}")
+    assert folder.exists("sweep.json") and folder.read_text("sweep.json") == "{}"
+    assert (tmp_path / "store" / "a" / "sweep.json").read_text() == "{}"
+    time.sleep(0.05)
+    SweepFolder.at(f"file://{tmp_path}/store", "b").write_text("sweep.json", "{}")
+    (tmp_path / "store" / "not-a-sweep").mkdir()
+    assert SweepFolder.at(f"file://{tmp_path}/store", "-").latest_sibling().name == "b"
+    assert SweepFolder.at(str(tmp_path / "store"), "-").latest_sibling().location == str(tmp_path / "store" / "b")

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False}
 # tests and users see actor reuse and data sharing at work.
 # Ray's progress table shows the first metrics of a result: these come first.
 LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
-WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/data_loads", "worker/data_cache_built",
-               "worker/data_cache_mapped")
+WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/setup_s", "worker/data_loads",
+               "worker/data_cache_built", "worker/data_cache_mapped")
 SETUP_CALLS = 0   # setup() calls in this process (a reused actor gets reset_config() instead)
 
 
@@ -93,6 +94,7 @@ class BIRTrainable(tune.Trainable):
         return True
 
     def _build(self, config: dict[str, Any]) -> None:
+        start = time.perf_counter()
         base, options = split_config(config)
         device = _trial_device(base.device)
         self.engines: list[Engine] = []
@@ -101,6 +103,7 @@ class BIRTrainable(tune.Trainable):
             self.engines.append(Engine(cfg, data=data_cache.hidden_data(cfg, device)))
         self.segment_iters = base.segment_iters or None
         self.diverged = False
+        self.setup_s = time.perf_counter() - start
 
     def step(self) -> dict[str, Any]:
         per_seed = [self._step_engine(engine) for engine in self.engines]
@@ -112,7 +115,7 @@ class BIRTrainable(tune.Trainable):
             for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
-        result |= self._worker_stats()
+        result |= self._worker_stats() | {"worker/setup_s": self.setup_s}
         if self.diverged:
             result["diverged"] = True
         if self.diverged or all(engine.done for engine in self.engines):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import math
 import os
 import shlex
@@ -35,6 +36,8 @@ from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
 from tune_bir.tracking import default_tracking_uri
 
+log = logging.getLogger(__name__)
+
 PROG = "python -m tune_bir.sweep"
 METRIC, MODE = "val_acc_avg", "max"
 SWEEP_FILE, RESULTS_FILE, BEST_FILE = "sweep.json", "results.csv", "best_config.json"
@@ -44,6 +47,73 @@ SWEEP_BASE: dict[str, Any] = {"replay": "generative", "brain_inspired": True, "s
 DEMO_ITERS = 150
 # train flags that make no sense per trial (outputs of a single run)
 EXCLUDED_FLAGS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning")
+
+
+class SweepFolder:
+    """The folder of one sweep, `<storage-path>/<name>`: a local path, or a URI (s3://, gs://) on a cluster."""
+
+    def __init__(self, root: str, name: str):
+        self.root, self.name = root, name
+        self.location = f"{root}/{name}"
+
+    @classmethod
+    def at(cls, storage_path: str, name: str) -> SweepFolder:
+        root = storage_path.rstrip("/") if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+        return cls(root, name)
+
+    def __str__(self) -> str:
+        return self.location
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    def _fs(self, location: str):
+        import pyarrow.fs
+
+        try:
+            if self.is_local:
+                return pyarrow.fs.LocalFileSystem(), location
+            return pyarrow.fs.FileSystem.from_uri(location)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot use --storage-path {self.root}: {err}") from err
+
+    def exists(self, file: str) -> bool:
+        import pyarrow.fs
+
+        fs, path = self._fs(f"{self.location}/{file}")
+        try:
+            return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        except OSError as err:
+            raise ConfigError(f"cannot read --storage-path {self.root}: {err}") from err
+
+    def read_text(self, file: str) -> str:
+        fs, path = self._fs(f"{self.location}/{file}")
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def write_text(self, file: str, text: str) -> None:
+        fs, path = self._fs(self.location)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{file}") as f:
+            f.write(text.encode())
+
+    def latest_sibling(self) -> SweepFolder | None:
+        """The sweep under the same storage path whose sweep.json changed last."""
+        import pyarrow.fs
+
+        fs, path = self._fs(self.root)
+        try:
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=False))
+        except OSError as err:
+            raise ConfigError(f"cannot read --storage-path {self.root}: {err}") from err
+        found = []
+        for info in infos:
+            if info.type == pyarrow.fs.FileType.Directory:
+                marker = fs.get_file_info(f"{info.path}/{SWEEP_FILE}")
+                if marker.type == pyarrow.fs.FileType.File:
+                    found.append((marker.mtime, info.base_name))
+        return SweepFolder(self.root, max(found)[1]) if found else None
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -95,7 +165,7 @@ class SweepPlan:
     """Everything decided (and validated) before Ray starts; written to sweep.json."""
 
     name: str
-    sweep_dir: Path
+    folder: SweepFolder
     space: SearchSpace
     user_base: dict[str, Any]          # the base config as the user gave it (flags, --config, sweep defaults)
     trial_base: dict[str, Any]         # the same with paths made absolute, as every trial receives it
@@ -118,7 +188,7 @@ class SweepPlan:
         return self.args["grace_period"] * self.segments_per_task
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "sweep_id": self.sweep_id, "sweep_dir": str(self.sweep_dir),
+        return {"name": self.name, "sweep_id": self.sweep_id, "sweep_dir": self.folder.location,
                 "created": dt.datetime.now().isoformat(timespec="seconds"),
                 "space": self.space.to_dict(), "base_config": self.user_base,
                 "resolved_base_config": self.resolved.to_dict(),
@@ -161,12 +231,6 @@ def _check_sweep_options(args: argparse.Namespace, n_tasks: int) -> None:
             raise ConfigError(message)
 
 
-def _storage_root(path: str) -> Path:
-    if "://" in path:
-        raise ConfigError(f"--storage-path {path}: give a folder every node can reach (e.g. an NFS mount)")
-    return Path(path).expanduser().resolve()
-
-
 def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> SweepPlan:
     """Validate flags, base config and space into a plan; raises ConfigError (exit 2, Ray not started)."""
     user_base = _base_values(args)
@@ -186,10 +250,10 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
     seg = resolved.segment_iters
     segments_per_task = 1 if seg <= 0 else math.ceil(resolved.iters / seg)
     name = args.name or f"{space.name}-{resolved.experiment}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = _storage_root(args.storage_path) / name
-    if (sweep_dir / SWEEP_FILE).exists():
-        raise ConfigError(f"sweep folder {sweep_dir} exists: add --resume to continue it, or choose another --name")
-    return SweepPlan(name=name, sweep_dir=sweep_dir, space=space, user_base=user_base, trial_base=trial_base,
+    folder = SweepFolder.at(args.storage_path, name)
+    if folder.exists(SWEEP_FILE):
+        raise ConfigError(f"sweep folder {folder} exists: add --resume to continue it, or choose another --name")
+    return SweepPlan(name=name, folder=folder, space=space, user_base=user_base, trial_base=trial_base,
                      resolved=resolved, segments_per_task=segments_per_task, args=_jsonable(vars(args)),
                      argv=list(sys.argv[1:] if argv is None else argv))
 
@@ -198,17 +262,16 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(values, default=str))
 
 
-def _resume_dir(args: argparse.Namespace) -> Path:
-    root = _storage_root(args.storage_path)
+def _resume_folder(args: argparse.Namespace) -> SweepFolder:
     if args.name:
-        sweep_dir = root / args.name
-        if not (sweep_dir / SWEEP_FILE).exists():
-            raise ConfigError(f"no sweep to resume at {sweep_dir} (no {SWEEP_FILE})")
-        return sweep_dir
-    found = sorted(root.glob(f"*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"no sweep to resume in {root}")
-    return found[-1].parent
+        folder = SweepFolder.at(args.storage_path, args.name)
+        if not folder.exists(SWEEP_FILE):
+            raise ConfigError(f"no sweep to resume at {folder} (no {SWEEP_FILE})")
+        return folder
+    folder = SweepFolder.at(args.storage_path, "-").latest_sibling()
+    if folder is None:
+        raise ConfigError(f"no sweep to resume in {SweepFolder.at(args.storage_path, '-').root}")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +279,7 @@ def _resume_dir(args: argparse.Namespace) -> Path:
 class SweepOutcome:
     """What a finished (or interrupted) sweep produced."""
 
-    sweep_dir: Path
+    sweep_dir: str                     # the sweep folder: a local path or a storage URI
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
     best_values: dict[str, Any] | None
@@ -287,13 +350,13 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     # a checkpoint per task and num_to_keep=2 force a (cheap, local) state snapshot per result: no warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.resume:
-        sweep_dir = _resume_dir(args)
-        plan_json = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        folder = _resume_folder(args)
+        plan_json = json.loads(folder.read_text(SWEEP_FILE))
         connection = {"address": args.address, "num_cpus": args.num_cpus}
     else:
         plan = plan_from_args(args, argv)
         plan_json = plan.to_json()
-        sweep_dir = plan.sweep_dir
+        folder = plan.folder
         connection = plan.args
     settings = plan_json["cli"]["args"]
     started_ray = _connect_ray(connection)
@@ -305,12 +368,10 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
         if not args.resume:
             plan_json["mlflow"] = {"tracking_uri": tracking_uri, "experiment_id": exp_id,
                                    "experiment_name": settings["mlflow_experiment"], "parent_run_id": parent_run_id}
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            (sweep_dir / SWEEP_FILE).write_text(json.dumps(plan_json, indent=2))
-            _log_artifact(tracking_uri, parent_run_id, sweep_dir / SWEEP_FILE)
+            _save(folder, SWEEP_FILE, json.dumps(plan_json, indent=2), tracking_uri, parent_run_id)
             tuner = _new_tuner(plan, exp_id, parent_run_id, tracking_uri)
         else:
-            tuner = _restored_tuner(sweep_dir)
+            tuner = _restored_tuner(folder, plan_json)
         start = time.monotonic()
         try:
             grid = tuner.fit()
@@ -319,7 +380,7 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
             raise
         budget = settings.get("time_budget")
         budget_spent = budget is not None and time.monotonic() - start >= budget
-        outcome = _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, budget_spent)
+        outcome = _summarise(plan_json, folder, grid, tracking_uri, parent_run_id, tuner, budget_spent)
     finally:
         if started_ray:
             import ray
@@ -354,7 +415,7 @@ def _new_tuner(plan: SweepPlan, exp_id: str, parent_run_id: str, tracking_uri: s
             scheduler=scheduler, num_samples=a["num_samples"], reuse_actors=True,
             time_budget_s=a["time_budget"], trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=str(plan.sweep_dir.parent), callbacks=[callback],
+            name=plan.name, storage_path=plan.folder.root, callbacks=[callback],
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True, num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=a["max_failures"])))
 
@@ -364,23 +425,29 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _restored_tuner(sweep_dir: Path):
+def _restored_tuner(folder: SweepFolder, plan_json: dict[str, Any]):
     from ray import tune
 
     from trainables import BIRTrainable
 
-    settings = json.loads((sweep_dir / SWEEP_FILE).read_text())["cli"]["args"]
+    settings = plan_json["cli"]["args"]
     trainable = tune.with_resources(BIRTrainable, {"cpu": settings["cpus_per_trial"],
                                                    "gpu": settings["gpus_per_trial"]})
-    if not tune.Tuner.can_restore(str(sweep_dir)):
-        raise ConfigError(f"{sweep_dir} holds no Ray Tune experiment state to resume (it never started)")
-    return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    if not tune.Tuner.can_restore(folder.location):
+        raise ConfigError(f"{folder} holds no Ray Tune experiment state to resume (it never started)")
+    return tune.Tuner.restore(folder.location, trainable=trainable, resume_unfinished=True, resume_errored=False)
 
 
-def _log_artifact(tracking_uri: str, run_id: str, path: Path) -> None:
+def _save(folder: SweepFolder, file: str, text: str, tracking_uri: str, run_id: str) -> None:
+    """Write a summary file into the sweep folder and attach it to the sweep's MLflow parent run."""
+    import tempfile
+
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri).log_artifact(run_id, str(path))
+    folder.write_text(file, text)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / file).write_text(text)
+        MlflowClient(tracking_uri).log_artifact(run_id, str(Path(tmp) / file))
 
 
 def _set_parent_status(tracking_uri: str, run_id: str, status: str) -> None:
@@ -397,9 +464,10 @@ def _trial_rows(grid: Any, plan_json: dict[str, Any]) -> tuple[list[dict[str, An
     n_tasks = plan_json["resolved_base_config"]["tasks"]
     names = list(plan_json["space"]["fixed"]) + list(plan_json["space"]["params"])
     trials = grid._experiment_analysis.trials   # Trial objects carry Tune's status; no public accessor
+    saved = _saved_statuses(plan_json["sweep_dir"])
     rows, unfinished = [], False
     for trial in trials:
-        if trial.status not in ("TERMINATED", "ERROR"):
+        if saved.get(trial.trial_id, trial.status) not in ("TERMINATED", "ERROR"):
             unfinished = True
             continue
         metrics = dict(trial.last_result or {})
@@ -414,6 +482,21 @@ def _trial_rows(grid: Any, plan_json: dict[str, Any]) -> tuple[list[dict[str, An
         row["path"] = trial.path
         rows.append(row)
     return rows, unfinished
+
+
+def _saved_statuses(sweep_dir: str) -> dict[str, str]:
+    """Trial statuses in the experiment state Tune saved last.
+
+    After Ctrl+C Tune saves the state (trials still RUNNING, to be resumed) and then stops every trial
+    in memory, so the in-memory statuses no longer tell an interrupted trial from a finished one.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(sweep_dir).trials}
+    except Exception:   # no readable state: fall back to the in-memory statuses
+        log.warning("could not read the saved experiment state of %s", sweep_dir, exc_info=True)
+        return {}
 
 
 def best_values(plan_json: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -442,8 +525,10 @@ def train_command(values: dict[str, Any]) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, budget_spent: bool) -> SweepOutcome:
+def _summarise(plan_json, folder: SweepFolder, grid, tracking_uri, parent_run_id, tuner,
+               budget_spent: bool) -> SweepOutcome:
     import csv
+    import io
 
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
@@ -458,15 +543,14 @@ def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, b
     best = ranked[0] if ranked else None
     values = best_values(plan_json, best) if best else None
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(sweep_dir / RESULTS_FILE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _save(folder, RESULTS_FILE, table.getvalue(), tracking_uri, parent_run_id)
     client = MlflowClient(tracking_uri)
-    client.log_artifact(parent_run_id, str(sweep_dir / RESULTS_FILE))
     if best is not None:
-        (sweep_dir / BEST_FILE).write_text(json.dumps(values, indent=2))
-        client.log_artifact(parent_run_id, str(sweep_dir / BEST_FILE))
+        _save(folder, BEST_FILE, json.dumps(values, indent=2), tracking_uri, parent_run_id)
         baseline = next((r for r in rows if r["baseline"]), None)
         now = int(dt.datetime.now().timestamp() * 1000)
         metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in ("val_acc_avg", "acc_avg")
@@ -479,7 +563,7 @@ def _summarise(plan_json, sweep_dir, grid, tracking_uri, parent_run_id, tuner, b
     client.log_batch(parent_run_id, tags=[RunTag(f"trials_{k}", str(v)) for k, v in counts.items()])
     client.set_terminated(parent_run_id, status="KILLED" if unfinished else "FINISHED")
     searcher = tune_search_alg(tuner)
-    return SweepOutcome(sweep_dir=sweep_dir, rows=rows, best=best, best_values=values, interrupted=unfinished,
+    return SweepOutcome(sweep_dir=folder.location, rows=rows, best=best, best_values=values, interrupted=unfinished,
                         tracking_uri=tracking_uri, parent_run_id=parent_run_id, searcher=searcher,
                         result_grid=grid, plan_json=plan_json)
 
@@ -501,7 +585,7 @@ def _print_summary(outcome: SweepOutcome) -> None:
           + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
     if outcome.interrupted:
         print(f"the sweep was interrupted; continue it with: {PROG} --resume --name {plan['name']} "
-              f"--storage-path {shlex.quote(str(outcome.sweep_dir.parent))}")
+              f"--storage-path {shlex.quote(outcome.sweep_dir.rsplit('/', 1)[0])}")
     best = outcome.best
     if best is None:
         print(f"no trial trained all {n_tasks} tasks: no best config")
@@ -520,7 +604,11 @@ def _print_summary(outcome: SweepOutcome) -> None:
             print(f"  baseline: {METRIC} {baseline['val_acc_avg']:.4f} (test acc_avg {baseline['acc_avg']:.4f})")
         print("run it alone:")
         print(f"  {train_command(outcome.best_values)}")
-        print(f"  or: python -m tune_bir.train --config {shlex.quote(str(outcome.sweep_dir / BEST_FILE))}")
+        best_file = f"{outcome.sweep_dir}/{BEST_FILE}"
+        if "://" in best_file:
+            print(f"  or: copy {best_file} here and run python -m tune_bir.train --config {BEST_FILE}")
+        else:
+            print(f"  or: python -m tune_bir.train --config {shlex.quote(best_file)}")
     print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
           f"{outcome.parent_run_id} in experiment '{plan['cli']['args']['mlflow_experiment']}'")
     print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)}")
