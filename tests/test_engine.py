@@ -66,8 +66,13 @@ def test_segments_add_up_to_a_task():
     assert b["task"] == 1 and e.task == 1 and e.iters_done == 12
 
 
-def test_rnt_weights_current_and_replay_by_task_number():
-    assert [1.0 / t for t in range(1, 11)][:3] == [1.0, 0.5, 1 / 3]  # the engine uses rnt = 1/t (3.5)
+def test_total_loss_weights_current_by_one_over_t_and_replay_by_the_rest():
+    e = engine(**BIR, iters=3)
+    for t in (1, 2, 3):
+        m = e.train_task()
+        current = m["loss/recon_current"] + m["loss/variational_current"] + m["loss/prediction"]
+        replay = (m["loss/recon_replay"] + m["loss/variational_replay"] + m["loss/distillation"]) if t > 1 else 0.0
+        assert m["loss/total"] == pytest.approx(current / t + (1 - 1 / t) * replay, rel=1e-5)
 
 
 def test_same_seed_gives_identical_first_losses():
