@@ -371,6 +371,16 @@ class Engine:
             q = F.one_hot(scores.argmax(1), scores.shape[1]).float()
         return F.pad(q, (0, n_classes - q.shape[1]))
 
+    def _with_replay(self, h: torch.Tensor, y: torch.Tensor,
+                     replay: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current inputs stacked with replayed ones, and their class weights (one-hot / replay weights)."""
+        n_classes = self.scenario.n_outputs
+        weights = F.one_hot(y, n_classes).float()
+        if replay is None:
+            return h, weights
+        h_replay, scores = replay
+        return torch.cat([h, h_replay]), torch.cat([weights, self._replay_class_weights(scores, n_classes)])
+
     def _replay_prediction_loss(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.cfg.distill:
             return losses.distillation_loss(logits, scores, self.cfg.temp)
@@ -383,7 +393,7 @@ class Engine:
         z = model.reparameterise(mu, logvar, self.rng)
         recon = model.decode(z, class_weights if model.gated else None)
         log_prior = self._log_prior(model, z, class_weights, n_active)
-        variational = (losses.log_normal_diag(z, mu, logvar) - log_prior) / self.data.image_pixels
+        variational = losses.variational_per_sample(z, mu, logvar, log_prior, self.data.image_pixels)
         return VAEPass(e, mu, logvar, recon, self.recon_loss(h, recon), variational)
 
     @staticmethod
@@ -396,13 +406,10 @@ class Engine:
     def _feedback_loss(self, h, y, target, cols, rnt, replay, t) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay-through-feedback: current and replayed samples in ONE pass through the model (3.7)."""
         cfg, model = self.cfg, self.model
-        n_cur, n_classes, n_active = len(y), self.scenario.n_outputs, cols.stop
-        weights = F.one_hot(y, n_classes).float()
-        inputs = h
+        n_cur, n_active = len(y), cols.stop
+        inputs, weights = self._with_replay(h, y, replay)
         if replay is not None:
             h_replay, scores = replay
-            weights = torch.cat([weights, self._replay_class_weights(scores, n_classes)])
-            inputs = torch.cat([h, h_replay])
         vae = self._vae_pass(model, inputs, weights, n_active)
         logits = model.classify(vae.e)[:, cols]
         cur = slice(0, n_cur)
@@ -448,14 +455,9 @@ class Engine:
 
     def _generator_step(self, h, y, rnt, replay, t) -> None:
         """Train the separate VAE generator on current (+ replayed) inputs with its own optimiser."""
-        gen, n_classes = self.generator_model, self.scenario.n_outputs
-        n_active = self.scenario.cpt * t
-        weights = F.one_hot(y, n_classes).float()
-        inputs = h
-        if replay is not None:
-            weights = torch.cat([weights, self._replay_class_weights(replay[1], n_classes)])
-            inputs = torch.cat([h, replay[0]])
-        vae = self._vae_pass(gen, inputs, weights, n_active)
+        gen = self.generator_model
+        inputs, weights = self._with_replay(h, y, replay)
+        vae = self._vae_pass(gen, inputs, weights, self.scenario.cpt * t)
         per_sample = vae.recon_loss + vae.variational
         cur = per_sample[:len(y)].mean()
         self._log("generator_current", cur)

@@ -51,9 +51,14 @@ def gmm_log_prob(z: Tensor, means: Tensor, logvars: Tensor, weights: Tensor) -> 
     return (shift + total.clamp_min(1e-40).log()).squeeze(1)
 
 
+def variational_per_sample(z: Tensor, mu: Tensor, logvar: Tensor, log_prior: Tensor, n_pixels: int) -> Tensor:
+    """[N] single-sample KL estimates (log q(z|x) - log p(z)) / n_pixels (3.5, quirk O7: image pixels)."""
+    return (log_normal_diag(z, mu, logvar) - log_prior) / n_pixels
+
+
 def variational_loss(z: Tensor, mu: Tensor, logvar: Tensor, log_prior: Tensor, n_pixels: int) -> Tensor:
-    """Single-sample KL estimate mean_n(log q(z|x) - log p(z)) / n_pixels (3.5, quirk O7: image pixels)."""
-    return (log_normal_diag(z, mu, logvar) - log_prior).mean() / n_pixels
+    """Mean over the batch of `variational_per_sample` (3.5)."""
+    return variational_per_sample(z, mu, logvar, log_prior, n_pixels).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
