@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import pytest
 
@@ -261,20 +262,16 @@ def connected(cluster: LocalRayCluster, **init_kwargs) -> Iterator[None]:
     if ray.is_initialized():
         ray.shutdown()   # a connection leaked by an earlier test would otherwise be reused silently
     overrides = {**_QUIET, "RAY_ADDRESS": cluster.address}   # RAY_ADDRESS wins over ray.init(address=...)
-    saved = {k: os.environ.get(k) for k in overrides}
-    os.environ.update(overrides)
-    _reload_ray_config()
     try:
-        ray.init(address=cluster.address, log_to_driver=False, **init_kwargs)
-        yield
+        with mock.patch.dict(os.environ, overrides):
+            _reload_ray_config()
+            try:
+                ray.init(address=cluster.address, log_to_driver=False, **init_kwargs)
+                yield
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        _reload_ray_config()
+        _reload_ray_config()   # after the environment is restored
 
 
 def _reload_ray_config() -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -28,17 +29,12 @@ TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline"}
 def ray_session(tmp_path_factory):
     """One local Ray (2 CPUs, no GPU) for the module; a fresh node data cache its workers inherit."""
     cache = tmp_path_factory.mktemp("node-cache")
-    saved = {k: os.environ.get(k) for k in ("TUNE_BIR_CACHE_DIR", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")}
-    os.environ.update(TUNE_BIR_CACHE_DIR=str(cache), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
-             _temp_dir=f"/tmp/rs{os.getpid()}")
-    yield cache
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    env = {"TUNE_BIR_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    with mock.patch.dict(os.environ, env):
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
+                 _temp_dir=f"/tmp/rs{os.getpid()}")
+        yield cache
+        ray.shutdown()
 
 
 class CallCounter:
