@@ -1,11 +1,13 @@
 """Speed of one training step against this machine's FLOP floor, measured in one run (DESIGN.md).
 
-Prints, for (a) splitMNIST5k BI-R and (b) CIFAR-100 BI-R+SI on generated CIFAR-shaped data:
-ms per step while replay is active, this machine's fp32 matmul FLOP/s, the step's FLOP count from
-the layer sizes, and step time / FLOP floor; the gain from caching the frozen conv layers'
-features; and the cost of each exaggeration term over plain BI-R+SI. Ratios only, no asserts.
+Prints, for (a) splitMNIST5k BI-R (and BI-R+SI) and (b) CIFAR-100 BI-R+SI on generated
+CIFAR-shaped data: ms per step while replay is active, this machine's fp32 matmul FLOP/s, the
+step's FLOP count from the layer sizes, and step time / FLOP floor; the same with `--precision
+bf16` (mixed precision; its ratio is still to the fp32 floor, and the bf16 matmul rate is printed
+beside it); the gain from caching the frozen conv layers' features; and the cost of each
+exaggeration term over plain BI-R+SI. Ratios only, no asserts.
 
-  python benchmarks/engine_speed.py [--threads N] [--steps N] [--skip-cifar] [--skip-terms]
+  python benchmarks/engine_speed.py [--threads N] [--steps N] [--skip-cifar] [--skip-terms] [--skip-bf16]
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ TERMS = {
 }
 
 
-def matmul_flops(n: int = 2048, reps: int = 3) -> float:
-    """Best-of-`reps` fp32 matmul throughput (FLOP/s) on this machine, now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`reps` matmul throughput (FLOP/s) on this machine, now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     return 2 * n**3 / best
@@ -98,8 +100,8 @@ def interleaved(engines: dict[str, Engine], steps: int, rounds: int) -> tuple[di
 
 
 def mnist_engine(steps: int, **flags) -> Engine:
-    cfg = BIRConfig(experiment="splitMNIST5k", replay="generative", brain_inspired=True, si=True, c=0.1,
-                    iters=steps + 2, device="cpu", **flags)
+    cfg = BIRConfig(experiment="splitMNIST5k", replay="generative", brain_inspired=True,
+                    iters=steps + 2, device="cpu", **({"si": True, "c": 0.1} | flags))
     engine = Engine(cfg)
     engine.train_segment(None)  # task 1 (no replay) done; task 2 replays
     return engine
@@ -140,18 +142,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the variants")
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-terms", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = args.steps * args.rounds + 2
-    variants = {"BI-R+SI": {}} | ({} if args.skip_terms else TERMS)
+    precisions = {} if args.skip_bf16 else {"BI-R+SI bf16": {"precision": "bf16"}}
+    terms = {} if args.skip_terms else TERMS
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps")
 
-    engines = {name: mnist_engine(budget, **flags) for name, flags in variants.items()}
+    mnist = {"BI-R": {"si": False}, "BI-R+SI": {}} | precisions | terms
+    engines = {name: mnist_engine(budget, **flags) for name, flags in mnist.items()}
     ms, flop_rate = interleaved(engines, args.steps, args.rounds)
-    print(f"fp32 matmul {flop_rate / 1e9:.1f} GFLOP/s (best of before / after the steps)")
-    report("(a) splitMNIST5k BI-R+SI", ms["BI-R+SI"], step_flops(engines["BI-R+SI"].model.spec, 128, 128), flop_rate)
-    for name in TERMS if not args.skip_terms else ():
-        print(f"    + {name:<28} {ms[name]:8.1f} ms/step   x{ms[name] / ms['BI-R+SI']:5.2f} of BI-R+SI")
+    flops = step_flops(engines["BI-R"].model.spec, 128, 128)
+    print_rates(flop_rate, precisions)
+    report("(a) splitMNIST5k BI-R", ms["BI-R"], flops, flop_rate)
+    report("    splitMNIST5k BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
+    for name in precisions:
+        report(f"    splitMNIST5k {name}", ms[name], flops, flop_rate)
+    print_terms(ms, terms)
     del engines
 
     if args.skip_cifar:
@@ -161,20 +169,35 @@ def main() -> None:
         conv_path = Path(tmp) / "conv.pt"
         torch.save({"state": ConvLayers().state_dict()}, conv_path)
         steps, rounds = max(args.steps // 2, 3), args.rounds
+        cifar = {"BI-R+SI": {}} | precisions | terms
         engines = {name: cifar_engine(steps * rounds + 2, conv_path, protocol, **flags)
-                   for name, flags in variants.items()}
+                   for name, flags in cifar.items()}
         ms, flop_rate = interleaved(engines, steps, rounds)
         base = engines["BI-R+SI"]
-        print(f"fp32 matmul {flop_rate / 1e9:.1f} GFLOP/s (best of before / after the steps)")
-        report("(b) CIFAR-100 BI-R+SI", ms["BI-R+SI"], step_flops(base.model.spec, 256, 256), flop_rate)
+        flops = step_flops(base.model.spec, 256, 256)
+        print_rates(flop_rate, precisions)
+        report("(b) CIFAR-100 BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
+        for name in precisions:
+            report(f"    CIFAR-100 {name}", ms[name], flops, flop_rate)
         images = torch.randn(256, 3, 32, 32)
         with torch.no_grad():
             base.conv(images)
             conv_ms = 1000 * statistics.median(_timed(lambda: base.conv(images)) for _ in range(5))
         print(f"    conv layers on 256 images: {conv_ms:.1f} ms ({conv_flops(256) / 1e9:.2f} GFLOP); caching "
               f"the frozen features makes a step x{(ms['BI-R+SI'] + conv_ms) / ms['BI-R+SI']:.2f} faster")
-        for name in TERMS if not args.skip_terms else ():
-            print(f"    + {name:<28} {ms[name]:8.1f} ms/step   x{ms[name] / ms['BI-R+SI']:5.2f} of BI-R+SI")
+        print_terms(ms, terms)
+
+
+def print_rates(fp32_rate: float, precisions: dict) -> None:
+    line = f"fp32 matmul {fp32_rate / 1e9:.1f} GFLOP/s (best of before / after the steps)"
+    if precisions:
+        line += f"; bf16 matmul {matmul_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
+    print(line)
+
+
+def print_terms(ms: dict[str, float], terms: dict) -> None:
+    for name in terms:
+        print(f"    + {name:<28} {ms[name]:8.1f} ms/step   x{ms[name] / ms['BI-R+SI']:5.2f} of BI-R+SI")
 
 
 if __name__ == "__main__":

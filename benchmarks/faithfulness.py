@@ -4,7 +4,7 @@ The original research code, run on exactly this split with 500 iterations per ta
 reaches 0.85-0.87 with BI-R (seeds 1-3) and about 0.20 without replay. This prints mean +- sd and
 the per-task accuracies after the last task for each method, so the two can be compared.
 
-  python benchmarks/faithfulness.py [--iters 500] [--seeds 1 2 3] [--threads 1]
+  python benchmarks/faithfulness.py [--iters 500] [--seeds 1 2 3] [--threads 1] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tune_bir.config import BIRConfig
+from tune_bir.config import PRECISIONS, BIRConfig
 from tune_bir.engine import Engine
 
 METHODS = {
@@ -27,9 +27,9 @@ METHODS = {
 }
 
 
-def final_accuracies(flags: dict, seed: int, iters: int, batch: int) -> list[float]:
+def final_accuracies(flags: dict, seed: int, iters: int, batch: int, precision: str) -> list[float]:
     engine = Engine(BIRConfig(experiment="splitMNIST5k", scenario="class", iters=iters, batch=batch, seed=seed,
-                              device="cpu", **flags))
+                              device="cpu", precision=precision, **flags))
     while not engine.done:
         engine.train_task()
     return engine.acc_history[-1]
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -48,12 +49,13 @@ def main() -> None:
     results = {}
     for name in args.methods:
         start = time.perf_counter()
-        rows = [final_accuracies(METHODS[name], seed, args.iters, args.batch) for seed in args.seeds]
+        rows = [final_accuracies(METHODS[name], seed, args.iters, args.batch, args.precision) for seed in args.seeds]
         finals = [sum(r) / len(r) for r in rows]
         sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
         per_task = [statistics.mean(col) for col in zip(*rows, strict=True)]
         results[name] = {"acc_avg": finals, "per_task_mean": per_task}
-        print(f"{name:<26} acc_avg {statistics.mean(finals):.4f} +- {sd:.4f}   seeds {args.seeds}: "
+        label = f"{name} [{args.precision}]"
+        print(f"{label:<33} acc_avg {statistics.mean(finals):.4f} +- {sd:.4f}   seeds {args.seeds}: "
               f"{' '.join(f'{a:.4f}' for a in finals)}   per task (mean over seeds): "
               f"{' '.join(f'{a:.3f}' for a in per_task)}   [{time.perf_counter() - start:.0f} s]", flush=True)
     if args.json:

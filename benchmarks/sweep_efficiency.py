@@ -31,7 +31,7 @@ from analysis.status import rank_trials, trial_status
 from search_spaces import EXAGGERATION_OFF, load_space
 from trainables import BIRTrainable
 from tune_bir.config import BIRConfig
-from tune_bir.sweep import METRIC, MODE, SWEEP_BASE, build_parser
+from tune_bir.sweep import METRIC, MODE, SCHEDULER_METRIC, SWEEP_BASE, build_parser
 
 
 class TrialClock(tune.Callback):
@@ -121,7 +121,7 @@ def main() -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     storage = os.path.abspath(args.storage_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    asha = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=n_tasks,
+    asha = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE, max_t=n_tasks,
                          grace_period=args.grace_period, reduction_factor=args.reduction_factor)
     early = run(f"asha-{stamp}", base, configs, asha, args, n_tasks, storage)
     full = run(f"full-{stamp}", base, configs, FIFOScheduler(), args, n_tasks, storage)

@@ -50,6 +50,40 @@ def test_metrics_after_each_task_follow_the_design_vocabulary():
     assert second["acc_avg"] == pytest.approx((second["acc_task_1"] + second["acc_task_2"]) / 2)
 
 
+def test_true_class_probability_is_the_softmax_over_the_active_columns():
+    e = engine(**BIR, val_fraction=0.1, iters=10)
+    e.train_task()
+    metrics = e.train_task()
+    scores = e.scores("val", 2)
+    assert scores.accuracy == e.accuracies("val", 2)
+    for k, data in enumerate(e.data.val[:2]):
+        with torch.no_grad():
+            logits = e.model.predict(data.x)[:, :4]   # class-IL after 2 tasks: 4 active columns
+        expected = torch.softmax(logits, 1)[torch.arange(len(data.y)), data.y].mean()
+        assert scores.probability[k] == pytest.approx(float(expected), rel=1e-5)
+        assert scores.accuracy[k] == pytest.approx(float((logits.argmax(1) == data.y).float().mean()))
+    assert metrics["val_prob_avg"] == pytest.approx(sum(scores.probability) / 2)
+    assert 0.0 < metrics["prob_avg"] < 1.0
+
+
+def test_outputs_finite_detects_a_blown_up_model():
+    e = engine(**BIR)
+    assert e.outputs_finite()
+    with torch.no_grad():
+        e.model.fcE[0].weight.fill_(1e38)   # finite weights whose sums overflow to inf
+    assert not e.outputs_finite()
+
+
+@pytest.mark.parametrize("flags", [dict(BIR), dict(BIR, si=True, c=0.1), dict(replay="generative")])
+def test_bf16_autocast_trains_and_keeps_fp32_state(flags):
+    e = engine(**flags, precision="bf16", iters=15)
+    e.train_task()
+    metrics = e.train_task()
+    assert metrics["acc_avg"] > 0.5
+    assert all(p.dtype == torch.float32 for p in e.model.parameters())
+    assert all(torch.isfinite(p).all() for p in e.model.parameters())
+
+
 def test_bwt_and_forgetting_from_an_accuracy_matrix():
     history = [[0.9], [0.7, 0.95]]
     m = accuracy_metrics([0.5, 0.8, 0.9], history, "")

@@ -45,6 +45,21 @@ def test_bce_is_finite_with_gradient_at_recon_zero_and_one():
 
 def test_recon_losses_registry_names():
     assert losses.RECON_LOSSES == {"BCE": losses.recon_bce, "MSE": losses.recon_half_mse}
+    assert losses.RECON_LOSSES_FROM_RAW == {"BCE": losses.recon_bce_from_logits, "MSE": losses.recon_half_mse}
+
+
+def test_bce_from_logits_equals_bce_of_the_sigmoid_with_the_same_gradient():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(6, 1, 4, 4, generator=g)
+    logits = (4 * torch.randn(6, 1, 4, 4, generator=g)).requires_grad_()
+    via_logits = losses.recon_bce_from_logits(target, logits)
+    (grad_logits,) = torch.autograd.grad(via_logits.sum(), logits)
+    via_sigmoid = losses.recon_bce(target, torch.sigmoid(logits))
+    (grad_sigmoid,) = torch.autograd.grad(via_sigmoid.sum(), logits)
+    torch.testing.assert_close(via_logits, via_sigmoid)
+    torch.testing.assert_close(grad_logits, grad_sigmoid)
+    # where the sigmoid saturates in float32, the logits form stays exact instead of hitting the log clamp
+    assert losses.recon_bce_from_logits(torch.zeros(1, 1), torch.full((1, 1), 30.0)).item() == pytest.approx(30.0)
 
 
 # ---- latent densities (3.4, 3.5)

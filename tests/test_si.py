@@ -39,6 +39,16 @@ def _parameter() -> nn.Parameter:
     return nn.Parameter(torch.zeros(3, dtype=torch.float64))
 
 
+def _after_one_task(c: float) -> tuple[nn.Parameter, SynapticIntelligence]:
+    """A parameter trained on one quadratic task and consolidated (omega > 0, theta* = theta)."""
+    theta = _parameter()
+    si = SynapticIntelligence({"theta": theta}, c=c)
+    si.begin_task()
+    _sgd_task(theta, si, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), steps=200)
+    si.end_task()
+    return theta, si
+
+
 def test_w_after_a_task_is_the_explicit_path_integral_and_the_loss_decrease():
     theta = _parameter()
     si = SynapticIntelligence({"theta": theta}, c=1.0)
@@ -85,11 +95,7 @@ def test_penalty_is_exactly_zero_with_a_gradient_path_before_the_first_end_task(
 
 
 def test_penalty_value_and_loss_scaling():
-    theta = _parameter()
-    si = SynapticIntelligence({"theta": theta}, c=3.0)
-    si.begin_task()
-    _sgd_task(theta, si, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), steps=200)
-    si.end_task()
+    theta, si = _after_one_task(c=3.0)
     state = si.state_dict()
     with torch.no_grad():
         theta += torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
@@ -99,11 +105,7 @@ def test_penalty_value_and_loss_scaling():
 
 
 def test_penalty_gradient_pulls_parameters_toward_the_anchor():
-    theta = _parameter()
-    si = SynapticIntelligence({"theta": theta}, c=1.0)
-    si.begin_task()
-    _sgd_task(theta, si, torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), steps=200)
-    si.end_task()
+    theta, si = _after_one_task(c=1.0)
     anchor = theta.detach().clone()
     with torch.no_grad():
         theta += torch.tensor([0.3, -0.4, 0.2], dtype=torch.float64)
@@ -113,6 +115,22 @@ def test_penalty_gradient_pulls_parameters_toward_the_anchor():
     with torch.no_grad():
         moved = theta - 0.1 * theta.grad
     assert ((moved - anchor).abs() < (theta.detach() - anchor).abs()).all()
+
+
+@pytest.mark.parametrize("grad_before", [None, [0.5, 0.25, -1.0]])
+def test_add_penalty_grad_equals_backpropagating_the_loss(grad_before):
+    theta, si = _after_one_task(c=3.0)
+    with torch.no_grad():
+        theta += torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    initial = None if grad_before is None else torch.tensor(grad_before, dtype=torch.float64)
+    theta.grad = None if initial is None else initial.clone()
+    si.loss().backward()
+    expected_grad, expected_loss = theta.grad.clone(), si.loss().detach()
+    theta.grad = None if initial is None else initial.clone()
+    value = si.add_penalty_grad_()
+    torch.testing.assert_close(theta.grad, expected_grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(value, expected_loss, rtol=1e-12, atol=0)
+    assert not value.requires_grad
 
 
 def test_state_dict_round_trip_continues_bit_identically():

@@ -12,8 +12,10 @@ import torch
 import tune_bir.data
 from trainables import BIRTrainable, data_cache
 from trainables import bir as trainable_module
+from trainables.bir import TIE_BREAK_WEIGHT
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
+from tune_bir.sweep import SCHEDULER_METRIC
 
 BASE = dict(replay="generative", brain_inspired=True, si=True, val_fraction=0.1, iters=6, batch=32, device="cpu")
 VOLATILE = ("time_this_step_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "time_since_restore",
@@ -113,6 +115,12 @@ def test_a_diverging_config_ends_its_trial_as_diverged():
     result = trainable.train()
     assert result["diverged"] is True and result["done"] is True
     assert math.isnan(result["val_acc_avg"])
+
+
+def test_the_scheduler_metric_is_val_acc_avg_with_ties_broken_by_the_true_class_probability():
+    result = BIRTrainable(config=dict(BASE, iters=3)).train()
+    assert 0.0 < result["val_prob_avg"] < 1.0
+    assert result[SCHEDULER_METRIC] == result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
 
 
 def test_the_last_task_ends_the_trial_and_results_lead_with_the_selection_metric():

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from ray import tune
-from torch.nn import functional as F
 
 import tune_bir.data
 from trainables import data_cache
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine, resolve_device
 from tune_bir.errors import ConfigError
+from tune_bir.sweep import SCHEDULER_METRIC
 
 CHECKPOINT_FILE = "learner.pt"
 CHECKPOINT_FORMAT = 1
@@ -34,6 +34,11 @@ TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False}
 # tests and users see actor reuse and data sharing at work.
 # Ray's progress table shows the first metrics of a result: these come first.
 LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
+# ASHA's ranking key: val_acc_avg, ties broken by val_prob_avg. A few hundred validation images
+# quantise accuracy, so configs tie often at a rung; ASHA keeps every trial that ties at its cutoff.
+# One validation image moves val_acc_avg by 1/(tasks x images of its task), >= 1e-6 for up to 10^6
+# images in all: the tie-break term (<= 1e-9) cannot outweigh a real accuracy difference.
+TIE_BREAK_WEIGHT = 1e-9
 WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/setup_s", "worker/data_loads",
                "worker/data_cache_built", "worker/data_cache_mapped")
 SETUP_CALLS = 0   # setup() calls in this process (a reused actor gets reset_config() instead)
@@ -60,23 +65,6 @@ def _trial_device(name: str) -> torch.device:
 
 def _finite(value: float) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
-
-
-@torch.no_grad()
-def _model_is_finite(engine: Engine) -> bool:
-    """Weights, and the model's outputs on a few current-task inputs, are all finite."""
-    model = engine.model
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        return False
-    task = engine.data.train[min(engine.task, engine.n_tasks - 1)]
-    h, y = task.x[:64], task.y[:64]
-    e = model.encode(h)
-    outputs = [e, model.classify(e)]
-    if model.spec.decoder:
-        mu, logvar = model.posterior(e)
-        gate = F.one_hot(y, model.spec.n_classes).float() if model.gated else None
-        outputs += [mu, logvar, model.decode(mu, gate)]
-    return all(bool(torch.isfinite(o).all()) for o in outputs)
 
 
 class BIRTrainable(tune.Trainable):
@@ -114,6 +102,8 @@ class BIRTrainable(tune.Trainable):
         if len(self.engines) > 1:
             for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
+        if "val_acc_avg" in result and "val_prob_avg" in result:
+            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
         result |= self._worker_stats() | {"worker/setup_s": self.setup_s}
         if self.diverged:
@@ -129,7 +119,7 @@ class BIRTrainable(tune.Trainable):
             # a numerical blow-up can surface as an error (e.g. BCE on a NaN reconstruction): when the
             # model's own outputs are no longer finite that is divergence, a property of the config;
             # anything else is a bug and fails the trial
-            if _model_is_finite(engine):
+            if engine.outputs_finite():
                 raise
             return {"task": float(engine.task), "iters_done": float(engine.iters_done),
                     "acc_avg": math.nan, "val_acc_avg": math.nan}

@@ -23,6 +23,7 @@ DIVERGENCE_NAMES = ("kl", "js", "js_ref")
 REP_TARGETS = ("prior", "sample", "class_mean")
 CONTR_GRAD_MODES = ("separate", "reference")
 AUX_DECODERS = ("random", "trained")
+PRECISIONS = ("fp32", "bf16")
 
 # Per-protocol defaults (ALGORITHM.md 3.1, 3.8, 4 and 7): one table, not branches through the code.
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -59,6 +60,8 @@ class BIRConfig:
     segment_iters: int = _opt(0, "iterations per engine segment / Tune step (0 = one whole task)")
     grad_clip: float = _opt(0.0, "max gradient norm of the main step, 0 = off")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _opt("fp32", "arithmetic of the training passes: fp32 (as the original), or bf16 autocast "
+                          "(mixed precision: weights, optimiser, SI and evaluation stay fp32)", choices=PRECISIONS)
     # -- model
     fc_units: int | None = _opt(None, "units of the fully connected layers (default 400 MNIST, 2000 CIFAR)")
     fc_layers: int = _opt(3, "fully connected layers (encoder has fc_layers - 1 hidden layers)")

@@ -51,6 +51,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 autocast needs a CUDA device that supports it (the CPU always does, natively or emulated)."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+
+
 # ---------------------------------------------------------------------------------------------
 # Data in "hidden" space: pixels (MNIST) or frozen conv features (CIFAR), cached once on the device.
 @dataclass
@@ -103,6 +109,23 @@ class VAEPass:
     recon: torch.Tensor        # reconstruction of the input
     recon_loss: torch.Tensor   # [N] reconstruction loss
     variational: torch.Tensor  # [N] (log q(z|h) - log p(z)) / image pixels
+
+
+@dataclass
+class SplitScores:
+    """Per-task scores on one split, tasks 1..seen."""
+
+    accuracy: list[float]       # share of samples whose argmax over the active columns is right
+    probability: list[float]    # mean softmax probability (over the active columns) of the true class
+
+
+@dataclass
+class Objectives:
+    """The losses one training step minimises; each has its own optimiser (None = not this step)."""
+
+    main: torch.Tensor                 # the model's objective (SI enters as its gradient)
+    contrastive: torch.Tensor | None   # L_con of the contrastive plugin (5.3)
+    generator: torch.Tensor | None     # the separate VAE generator's objective (`--replay=generative` alone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +182,7 @@ class Engine:
     def __init__(self, config: BIRConfig, data: HiddenData | None = None, protocol: Protocol | None = None):
         self.cfg = cfg = config.resolved()
         self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # once, at the start of a run: weight init (never inside the loop, F12)
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         init_rng = torch.Generator().manual_seed(cfg.seed + 1)   # gate masks and GMM prior (CPU, device-free)
@@ -173,6 +197,7 @@ class Engine:
         if cfg.batch > smallest:
             raise ConfigError(f"--batch={cfg.batch} exceeds the {smallest} training samples of a task")
         self.recon_loss = losses.RECON_LOSSES[cfg.recon_loss]
+        self.recon_loss_from_raw = losses.RECON_LOSSES_FROM_RAW[cfg.recon_loss]
 
         generative = cfg.replay == "generative"
         decoder_out = "sigmoid" if cfg.recon_loss == "BCE" else "linear"
@@ -275,12 +300,28 @@ class Engine:
         self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
 
     def _train_iteration(self, h: torch.Tensor, y: torch.Tensor, t: int) -> None:
+        # autocast wraps the forward passes only; backward and the optimisers run outside it
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            objectives = self._objectives(h, y, t)
+        # the SI penalty enters as its gradient, added after backward (self._add_si_grad)
+        if objectives.contrastive is None:
+            self._optimise(objectives.main)
+        else:
+            self._optimise_with_contrastive(objectives.main, self.cfg.lamda_contr * objectives.contrastive)
+        if objectives.generator is not None:
+            self.generator_optimizer.zero_grad(set_to_none=True)
+            objectives.generator.backward()
+            self.generator_optimizer.step()
+        self._loss_count += 1
+
+    def _objectives(self, h: torch.Tensor, y: torch.Tensor, t: int) -> Objectives:
+        """The forward half of a step: every objective this step optimises."""
         cfg = self.cfg
         cols = self.scenario.columns(t, t)
         target = self.scenario.targets(y, t)
         rnt = 1.0 / t
         replay = self._replay(h, t) if t > 1 and cfg.replay in ("generative", "current") else None
-        contrastive_loss = None
+        contrastive_loss = generator_loss = None
         if cfg.replay == "generative" and cfg.feedback:
             total, e_replay = self._feedback_loss(h, y, target, cols, rnt, replay, t)
             if self.contrastive is not None and replay is not None:
@@ -292,25 +333,26 @@ class Engine:
         else:
             total = self._classifier_loss(h, target, cols, rnt, replay)
             if self.generator_model is not None:
-                self._generator_step(h, y, rnt, replay, t)
-        if self.si is not None:
-            si_loss = self.si.loss()
-            self._log("si", si_loss)
-            total = total + si_loss
-        self._log("total", total)
-        if contrastive_loss is None:
-            self._optimise(total)
-        else:
-            self._optimise_with_contrastive(total, cfg.lamda_contr * contrastive_loss)
-        self._loss_count += 1
+                generator_loss = self._generator_loss(h, y, rnt, replay, t)
+        return Objectives(total, contrastive_loss, generator_loss)
 
     def _optimise(self, total: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self._add_si_grad(total)
         self._clip()
         self.optimizer.step()
         if self.si is not None:
             self.si.after_step()
+
+    def _add_si_grad(self, total: torch.Tensor) -> None:
+        """Gradient of the SI penalty into .grad, as if it were part of `total` (logged with it)."""
+        if self.si is None:
+            self._log("total", total)
+            return
+        si_loss = self.si.add_penalty_grad_()
+        self._log("si", si_loss)
+        self._log("total", total.detach() + si_loss)
 
     def _clip(self) -> None:
         if self.cfg.grad_clip > 0:
@@ -325,6 +367,7 @@ class Engine:
         if self.cfg.contr_grad_mode == "reference":
             # the original: fcE's gradient holds grad L + grad L_con and both optimisers step it
             total.backward(retain_graph=True)  # L_con shares the replay pass through fcE
+            self._add_si_grad(total)
             contrastive_loss.backward()
             self.contrastive.optimizer.step()
             self._clip()
@@ -336,6 +379,7 @@ class Engine:
         enc_grads = torch.autograd.grad(contrastive_loss, enc_params, allow_unused=True)
         for p, g in zip(main_params, main_grads, strict=True):
             p.grad = g
+        self._add_si_grad(total)
         self._clip()
         self.optimizer.step()
         si_grads = None
@@ -391,10 +435,11 @@ class Engine:
         e = model.encode(h)
         mu, logvar = model.posterior(e)
         z = model.reparameterise(mu, logvar, self.rng)
-        recon = model.decode(z, class_weights if model.gated else None)
+        raw = model.decode_raw(z, class_weights if model.gated else None)
+        recon = model.activate(raw)
         log_prior = self._log_prior(model, z, class_weights, n_active)
         variational = losses.variational_per_sample(z, mu, logvar, log_prior, self.data.image_pixels)
-        return VAEPass(e, mu, logvar, recon, self.recon_loss(h, recon), variational)
+        return VAEPass(e, mu, logvar, recon, self.recon_loss_from_raw(h, raw), variational)
 
     @staticmethod
     def _log_prior(model: BIRModel, z: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> torch.Tensor:
@@ -453,8 +498,8 @@ class Engine:
         self._log("distillation", distillation)
         return rnt * prediction + (1 - rnt) * distillation
 
-    def _generator_step(self, h, y, rnt, replay, t) -> None:
-        """Train the separate VAE generator on current (+ replayed) inputs with its own optimiser."""
+    def _generator_loss(self, h, y, rnt, replay, t) -> torch.Tensor:
+        """Loss of the separate VAE generator on current (+ replayed) inputs (it has its own optimiser)."""
         gen = self.generator_model
         inputs, weights = self._with_replay(h, y, replay)
         vae = self._vae_pass(gen, inputs, weights, self.scenario.cpt * t)
@@ -466,9 +511,7 @@ class Engine:
             rep = per_sample[len(y):].mean()
             self._log("generator_replay", rep)
             loss = rnt * cur + (1 - rnt) * rep
-        self.generator_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.generator_optimizer.step()
+        return loss
 
     # -- end of a task -------------------------------------------------------------------------
     def _end_task(self) -> None:
@@ -484,13 +527,16 @@ class Engine:
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def accuracies(self, split: str = "test", seen: int | None = None) -> list[float]:
-        """Accuracy on each task seen so far (argmax over the active columns, ALGORITHM.md 1.4)."""
+    def scores(self, split: str = "test", seen: int | None = None) -> SplitScores:
+        """Accuracy and mean true-class probability on each task seen so far (ALGORITHM.md 1.4).
+
+        Predictions are the argmax over the active columns; probabilities are the softmax over them.
+        """
         seen = seen if seen is not None else self.current_task
         tasks = getattr(self.data, split)
         was_training = self.model.training
         self.model.eval()
-        result = []
+        accuracy, probability = [], []
         for k in range(1, seen + 1):
             cols = self.scenario.columns(k, seen)
             data = tasks[k - 1]
@@ -498,9 +544,30 @@ class Engine:
                                 for i in range(0, len(data.y), EVAL_BATCH)])
             target = self.scenario.targets(data.y, k)
             acc = multiclass_accuracy(logits.argmax(1), target, num_classes=logits.shape[1], average="micro")
-            result.append(float(acc))
+            accuracy.append(float(acc))
+            probability.append(float(torch.softmax(logits, 1).gather(1, target[:, None]).mean()))
         self.model.train(was_training)
-        return result
+        return SplitScores(accuracy, probability)
+
+    def accuracies(self, split: str = "test", seen: int | None = None) -> list[float]:
+        """Accuracy on each task seen so far (argmax over the active columns, ALGORITHM.md 1.4)."""
+        return self.scores(split, seen).accuracy
+
+    @torch.no_grad()
+    def outputs_finite(self) -> bool:
+        """Weights, and the model's outputs on a few current-task inputs, are all finite (no divergence)."""
+        model = self.model
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return False
+        task = self.data.train[min(self.task, self.n_tasks - 1)]
+        h, y = task.x[:64], task.y[:64]
+        e = model.encode(h)
+        outputs = [e, model.classify(e)]
+        if model.spec.decoder:
+            mu, logvar = model.posterior(e)
+            gate = F.one_hot(y, model.spec.n_classes).float() if model.gated else None
+            outputs += [mu, logvar, model.decode(mu, gate)]
+        return all(bool(torch.isfinite(o).all()) for o in outputs)
 
     def _segment_metrics(self, t: int, finished: bool) -> dict[str, float]:
         metrics: dict[str, float] = {"task": float(self.task + (1 if finished else 0)),
@@ -509,8 +576,10 @@ class Engine:
         if len(self.data.val[0].y) > 0:
             splits.append(("val", "val_", self.val_acc_history))
         for split, prefix, history in splits:
-            row = self.accuracies(split, t)
+            scores = self.scores(split, t)
+            row = scores.accuracy
             metrics |= accuracy_metrics(row, history, prefix)
+            metrics[f"{prefix}prob_avg"] = sum(scores.probability) / t
             if finished:
                 history.append(row)
         count = max(self._loss_count, 1)

@@ -26,7 +26,14 @@ def recon_half_mse(target: Tensor, recon: Tensor) -> Tensor:
     return (0.5 * (target - recon).square()).flatten(1).mean(1)
 
 
+def recon_bce_from_logits(target: Tensor, logits: Tensor) -> Tensor:
+    """`recon_bce(target, sigmoid(logits))` computed from the logits: exact where sigmoid saturates, ~4x faster."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+
+
 RECON_LOSSES = {"BCE": recon_bce, "MSE": recon_half_mse}
+# the same losses, taking the decoder's raw output (`BIRModel.decode_raw`) instead of the reconstruction
+RECON_LOSSES_FROM_RAW = {"BCE": recon_bce_from_logits, "MSE": recon_half_mse}
 
 # ----------------------------------------------------------------------------------------------------
 # Latent densities and the variational term (3.4, 3.5)

@@ -91,12 +91,22 @@ class BIRModel(nn.Module):
 
     @staticmethod
     def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        # noise at least fp32 even when autocast made mu bf16
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device,
+                          dtype=torch.promote_types(mu.dtype, torch.float32))
         return mu + torch.exp(0.5 * logvar) * eps
 
     # -- decoder
     def decode(self, z: torch.Tensor, gate_input: torch.Tensor | None) -> torch.Tensor:
         """Decode z; `gate_input` [N x n_classes] (one-hot or soft class weights) picks the gates."""
+        return self.activate(self.decode_raw(z, gate_input))
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """The decoder's output non-linearity applied to `decode_raw` (sigmoid for pixels, none for features)."""
+        return torch.sigmoid(raw) if self.spec.output == "sigmoid" else raw
+
+    def decode_raw(self, z: torch.Tensor, gate_input: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's output before its non-linearity (logits for pixels), shaped like an input."""
         if self.gated:
             a = self.fromZ(z, gate_input)
             for layer in self.fcD_hidden:
@@ -105,10 +115,7 @@ class BIRModel(nn.Module):
             a = torch.relu(self.fromZ(z))
             for layer in self.fcD_hidden:
                 a = torch.relu(layer(a))
-        out = self.fcD_out(a)
-        if self.spec.output == "sigmoid":
-            out = torch.sigmoid(out)
-        return out.view(-1, *self.spec.in_shape)
+        return self.fcD_out(a).view(-1, *self.spec.in_shape)
 
     # -- sampling (reads the prior parameters directly; never changes train/eval mode, defect O5)
     def sample_latent(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 PROG = "python -m tune_bir.sweep"
 METRIC, MODE = "val_acc_avg", "max"
+# what ASHA ranks trials by at a rung: METRIC with ties broken (trainables.bir computes it)
+SCHEDULER_METRIC = "val_score"
 SWEEP_FILE, RESULTS_FILE, BEST_FILE = "sweep.json", "results.csv", "best_config.json"
 # Every trial is BI-R+SI unless the user says otherwise (--no-brain-inspired, --no-si, --config).
 SWEEP_BASE: dict[str, Any] = {"replay": "generative", "brain_inspired": True, "si": True, "val_fraction": 0.1}
@@ -194,7 +196,8 @@ class SweepPlan:
                 "resolved_base_config": self.resolved.to_dict(),
                 "baseline_config": {**self.user_base, **EXAGGERATION_OFF},
                 "metric": METRIC, "mode": MODE,
-                "asha": {"time_attr": "training_iteration", "max_t": self.max_t, "grace_period": self.grace_t,
+                "asha": {"metric": SCHEDULER_METRIC, "time_attr": "training_iteration", "max_t": self.max_t,
+                         "grace_period": self.grace_t,
                          "reduction_factor": self.args["reduction_factor"],
                          "segments_per_task": self.segments_per_task},
                 "cli": {"argv": self.argv, "args": self.args},
@@ -403,7 +406,7 @@ def _new_tuner(plan: SweepPlan, exp_id: str, parent_run_id: str, tracking_uri: s
     searcher = TruthfulOptunaSearch(plan.space, metric=METRIC, mode=MODE, n_tasks=plan.n_tasks,
                                     sampler=optuna.samplers.TPESampler(seed=plan.resolved.seed))
     searcher.enqueue_baseline()
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=plan.max_t,
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE, max_t=plan.max_t,
                               grace_period=plan.grace_t, reduction_factor=a["reduction_factor"])
     callback = MlflowSweepCallback(tracking_uri, exp_id, parent_run_id, plan.sweep_id, plan.n_tasks)
     trainable = tune.with_resources(BIRTrainable, {"cpu": a["cpus_per_trial"], "gpu": a["gpus_per_trial"]})
