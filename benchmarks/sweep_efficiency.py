@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import sys
@@ -59,6 +60,24 @@ def sample_configs(space_name: str, n: int, seed: int) -> list[dict[str, Any]]:
     drawn = [{**EXAGGERATION_OFF, "baseline": True}]
     drawn += [{**space.sample(study.ask()), "baseline": False} for _ in range(n - 1)]
     return drawn
+
+
+def rung_milestones(grace: int, rf: float, max_t: int) -> list[int]:
+    """ASHA's rungs in segments, as Ray's ASHAScheduler places them (grace * rf^k below max_t)."""
+    n_rungs = int(math.log(max_t / grace) / math.log(rf) + 1)
+    return [int(grace * rf**k) for k in range(n_rungs)]
+
+
+def asymptotic_ratio(grace: int, rf: float, max_t: int) -> float:
+    """Segments trained under ASHA / full budget when exactly 1/rf of the trials pass each rung (N -> inf).
+
+    With few trials the ratio is higher: the first trials to reach a rung have no rivals yet and pass.
+    """
+    rungs = rung_milestones(grace, rf, max_t)
+    ends = rungs[1:] + [max_t]
+    stages = enumerate(zip(rungs, ends, strict=True))   # a share 1/rf^(k+1) trains on from rung k
+    per_trial = rungs[0] + sum((end - start) / rf ** (k + 1) for k, (start, end) in stages)
+    return per_trial / max_t
 
 
 def run(label: str, base: dict[str, Any], configs: list[dict[str, Any]], scheduler: Any, args: argparse.Namespace,
@@ -129,7 +148,10 @@ def main() -> int:
 
     print(f"{len(configs)} configs of space '{args.space}' (baseline first), {args.iters} iterations per task, "
           f"{n_tasks} tasks, {args.max_concurrent} trials at a time on {args.num_cpus} CPUs")
-    print(f"ASHA: grace period {args.grace_period} tasks, reduction factor {args.reduction_factor:g}")
+    grace, rf = args.grace_period, args.reduction_factor
+    print(f"ASHA on {SCHEDULER_METRIC}: grace period {grace} tasks, reduction factor {rf:g}; rungs after tasks "
+          f"{rung_milestones(grace, rf, n_tasks)} of {n_tasks}: with many configs the ratio tends to "
+          f"{asymptotic_ratio(grace, rf, n_tasks):.3f}")
     ratio = early["segments"] / full["segments"]
     print(f"segments trained: ASHA {early['segments']} / full {full['segments']} = {ratio:.3f} "
           f"(wall {early['elapsed']:.0f} s / {full['elapsed']:.0f} s = {early['elapsed'] / full['elapsed']:.3f})")

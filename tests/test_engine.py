@@ -84,6 +84,39 @@ def test_bf16_autocast_trains_and_keeps_fp32_state(flags):
     assert all(torch.isfinite(p).all() for p in e.model.parameters())
 
 
+EVERY_TERM = dict(repulsion=True, lamda_rep=10.0, kl_js="kl", use_rep_f=True, rep_f=3.0, n_rep=2,
+                  recon_repulsion=True, lamda_recon_rep=0.1, recon_attraction=True, lamda_recon_atr=0.1,
+                  contrastive=True, c_lr=1e-3, c_drop=0.3, c_scores=True)
+
+
+@pytest.mark.parametrize("terms", [EVERY_TERM, dict(contrastive=True, c_hard=True, not_hidden=True)])
+def test_adopting_another_configs_first_task_continues_bit_identically(terms):
+    flags = dict(BIR, si=True, c=0.1, iters=12, val_fraction=0.1)
+    reference = engine(**flags, **terms)
+    expected = [reference.train_task() for _ in range(3)]
+    baseline = engine(**flags)
+    first = baseline.train_task()
+    adopter = engine(**flags, **terms)
+    adopter.adopt_first_task(copy.deepcopy(baseline.state_dict()))
+    got = [adopter.train_task() for _ in range(2)]
+    strip = lambda m: {k: v for k, v in m.items() if k != "time_this_step_s"}  # noqa: E731
+    assert strip(first) == strip(expected[0])
+    assert [strip(m) for m in got] == [strip(m) for m in expected[1:]]
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, adopter.model.state_dict()[name]), name
+
+
+def test_adopt_first_task_refuses_a_config_whose_first_task_differs():
+    baseline = engine(**BIR, iters=5)
+    baseline.train_task()
+    with pytest.raises(ValueError, match=r"differs from the saved one in \['lr'\]"):
+        engine(**BIR, iters=5, lr=1e-2).adopt_first_task(baseline.state_dict())
+    trained = engine(**BIR, iters=5)
+    trained.train_segment(2)
+    with pytest.raises(ValueError, match="has not trained yet"):
+        trained.adopt_first_task(baseline.state_dict())
+
+
 def test_bwt_and_forgetting_from_an_accuracy_matrix():
     history = [[0.9], [0.7, 0.95]]
     m = accuracy_metrics([0.5, 0.8, 0.9], history, "")

@@ -114,15 +114,20 @@ class BIRTrainable(tune.Trainable):
 
     def _step_engine(self, engine: Engine) -> dict[str, float]:
         try:
-            return engine.train_segment(self.segment_iters)
+            metrics = engine.train_segment(self.segment_iters)
         except (RuntimeError, ValueError):
-            # a numerical blow-up can surface as an error (e.g. BCE on a NaN reconstruction): when the
-            # model's own outputs are no longer finite that is divergence, a property of the config;
-            # anything else is a bug and fails the trial
+            # a numerical blow-up can surface as an error: when the model's own outputs are no longer
+            # finite that is divergence, a property of the config; anything else is a bug and fails the trial
             if engine.outputs_finite():
                 raise
-            return {"task": float(engine.task), "iters_done": float(engine.iters_done),
-                    "acc_avg": math.nan, "val_acc_avg": math.nan}
+            return self._diverged_metrics(engine)
+        # a model with non-finite outputs still "predicts" (argmax of NaN): its accuracies mean nothing
+        return metrics if engine.outputs_finite() else self._diverged_metrics(engine)
+
+    @staticmethod
+    def _diverged_metrics(engine: Engine) -> dict[str, float]:
+        return {"task": float(engine.task), "iters_done": float(engine.iters_done),
+                "acc_avg": math.nan, "val_acc_avg": math.nan}
 
     @staticmethod
     def _worker_stats() -> dict[str, Any]:

@@ -31,6 +31,15 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "splitMNIST5k": dict(tasks=5, iters=2000, batch=128, lr=1e-3, fc_units=400, recon_loss="BCE"),
     "CIFAR100": dict(tasks=10, iters=5000, batch=256, lr=1e-4, fc_units=2000, recon_loss="MSE"),
 }
+# Fields that act only on replayed memories, i.e. from task 2 on: two configs that differ only in
+# these train task 1 identically (Engine.adopt_first_task relies on it; a test checks it).
+REPLAY_ONLY_FIELDS = (
+    "repulsion", "lamda_rep", "kl_js", "use_rep_f", "rep_f", "n_rep", "rep_target", "d_min",
+    "recon_repulsion", "lamda_recon_rep", "recon_attraction", "lamda_recon_atr", "recon_rep_aver",
+    "contrastive", "c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "not_hidden", "lamda_contr",
+    "contr_grad_mode", "aux_decoder")
+# Fields that change where results go or how training is cut into segments, never what is computed.
+OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning", "apply_mask", "segment_iters")
 # SI strength when --c is omitted: the SI-alone values of the reference, by (protocol family, scenario).
 SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "domain"): 0.1,
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}
@@ -154,6 +163,11 @@ class BIRConfig:
     @property
     def protocol_family(self) -> str:
         return "CIFAR" if self.experiment.startswith("CIFAR") else "MNIST"
+
+    def first_task_fields(self) -> dict[str, Any]:
+        """The fields that determine what task 1 computes (everything but replay-only and output fields)."""
+        skip = set(REPLAY_ONLY_FIELDS) | set(OUTPUT_FIELDS)
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @property
     def uses_exaggeration(self) -> bool:

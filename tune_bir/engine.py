@@ -652,6 +652,28 @@ class Engine:
         self.acc_history = [list(r) for r in state["acc_history"]]
         self.val_acc_history = [list(r) for r in state["val_acc_history"]]
 
+    def adopt_first_task(self, state: dict) -> None:
+        """Continue from the end of task 1 as trained by another engine whose config differs only in fields
+        that act on replay (`BIRConfig.first_task_fields`): the same learner this one would have become.
+
+        This engine keeps what task 1 never touched and the other engine may lack: its contrastive plugin
+        and the global torch RNG (only the plugin's dropout draws from it, and only on replay).
+        """
+        if (self.task, self.iter_in_task) != (0, 0):
+            raise ValueError("adopt_first_task needs an engine that has not trained yet")
+        if (state["position"]["task"], state["position"]["iter_in_task"]) != (1, 0):
+            raise ValueError("adopt_first_task needs a state saved right at the end of task 1")
+        theirs = BIRConfig.from_dict(state["config"]).first_task_fields()
+        ours = self.cfg.first_task_fields()
+        differing = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if differing:
+            raise ValueError(f"task 1 of this config differs from the saved one in {differing}")
+        own_contrastive = None if self.contrastive is None else self.contrastive.state_dict()
+        own_rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        self.load_state_dict(state | {"contrastive": own_contrastive,
+                                      "rng": state["rng"] | {"torch": own_rng["torch"], "cuda": own_rng["cuda"]}})
+
     @staticmethod
     def _snapshot_from(template: BIRModel, state: dict | None) -> BIRModel | None:
         if state is None:

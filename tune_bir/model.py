@@ -79,7 +79,7 @@ class BIRModel(nn.Module):
 
     def classify(self, e: torch.Tensor) -> torch.Tensor:
         """Logits over all classes from encoder features (classify "beforeZ")."""
-        return self.classifier(e)
+        return self.classifier(e).float()   # fp32 logits even under bf16 autocast (softmax, distillation)
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         return self.classify(self.encode(h))
@@ -87,7 +87,8 @@ class BIRModel(nn.Module):
     # -- latent
     def posterior(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(z | h)."""
-        return self.toZ_mean(e), self.toZ_logvar(e)
+        # fp32 even under bf16 autocast: exp(logvar), the GMM prior and the KL terms need the precision
+        return self.toZ_mean(e).float(), self.toZ_logvar(e).float()
 
     @staticmethod
     def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,7 +116,7 @@ class BIRModel(nn.Module):
             a = torch.relu(self.fromZ(z))
             for layer in self.fcD_hidden:
                 a = torch.relu(layer(a))
-        return self.fcD_out(a).view(-1, *self.spec.in_shape)
+        return self.fcD_out(a).float().view(-1, *self.spec.in_shape)   # fp32 under bf16 autocast too
 
     # -- sampling (reads the prior parameters directly; never changes train/eval mode, defect O5)
     def sample_latent(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
