@@ -233,7 +233,7 @@ def test_engine_logs_each_term_and_stays_finite(flags, logged):
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-def test_contrastive_training_never_reseeds_the_global_rng(monkeypatch):
+def test_contrastive_training_never_touches_the_global_rng(monkeypatch):
     e = Engine(BIRConfig(**(BIR | dict(iters=3, contrastive=True, not_hidden=True))))
     calls = []
     monkeypatch.setattr(torch, "manual_seed", lambda *a: calls.append(a))
@@ -243,7 +243,9 @@ def test_contrastive_training_never_reseeds_the_global_rng(monkeypatch):
     first = torch.get_rng_state()
     e.train_task()
     assert calls == []
-    assert not torch.equal(first, torch.get_rng_state())  # dropout draws moved the global stream on
+    # dropout and augmentation draw from the plugin's generator: other engines in the process cannot
+    # change this one's results by using (or reseeding) the global stream
+    assert torch.equal(first, torch.get_rng_state())
 
 
 def test_not_hidden_alone_builds_views_but_trains_like_bir_si():

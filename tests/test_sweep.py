@@ -22,7 +22,7 @@ from tune_bir.config import BIRConfig  # noqa: E402
 from tune_bir.sweep import PROG, main, run_sweep  # noqa: E402
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
-TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline"}
+TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task"}
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +173,19 @@ def test_data_is_loaded_once_per_node_and_trial_actors_are_reused(sweep):
     for df in frames:
         for _, result in df.iterrows():
             seen = per_process.setdefault(result["worker/pid"], {})
-            for key in ("worker/setups", "worker/data_loads", "worker/data_cache_built"):
+            for key in ("worker/setups", "worker/data_loads", "worker/data_cache_built", "worker/first_task_trained",
+                        "worker/first_task_adopted"):
                 seen[key] = max(seen.get(key, 0), result[key])
     assert sum(p["worker/data_loads"] for p in per_process.values()) == 1
     assert sum(p["worker/data_cache_built"] for p in per_process.values()) == 1
     setups = sum(p["worker/setups"] for p in per_process.values())
     assert setups <= 2 < len(frames)          # 5 trials on at most 2 actors (max_concurrent)
+    # task 1 is trained by the first trials only (at most one per slot); the others adopt it
+    trained = sum(p["worker/first_task_trained"] for p in per_process.values())
+    assert 1 <= trained <= 2
+    assert trained + sum(p["worker/first_task_adopted"] for p in per_process.values()) == len(frames)
+    assert sorted(df["first_task_shared"].iloc[0] for df in frames) == [0.0] * int(trained) + [1.0] * (
+        len(frames) - int(trained))
 
 
 def test_asha_stops_a_trial_early_and_optuna_records_it_pruned(ray_session, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tune_bir.data
-from trainables import BIRTrainable, data_cache
+from trainables import BIRTrainable, data_cache, first_task_cache
 from trainables import bir as trainable_module
 from trainables.bir import TIE_BREAK_WEIGHT
 from tune_bir.config import BIRConfig
@@ -50,6 +50,30 @@ def test_save_and_restore_continue_bit_identically(tmp_path):
     resumed = [comparable(second.train()) for _ in range(3)]
     assert resumed == expected
     assert resumed[-1]["task"] == 3 and resumed[-1]["training_iteration"] == 6
+
+
+def test_task_one_is_trained_once_per_node_and_adopted_by_other_configs():
+    trained, adopted = first_task_cache.STATS["trained"], first_task_cache.STATS["adopted"]
+    sharing = [BIRTrainable(config=dict(BASE, **extra)) for extra in
+               ({}, dict(repulsion=True, lamda_rep=10.0), dict(contrastive=True, c_lr=1e-3))]
+    firsts = [t.train() for t in sharing]
+    assert [r[first_task_cache.SHARED_KEY] for r in firsts] == [0.0, 1.0, 1.0]
+    assert (first_task_cache.STATS["trained"], first_task_cache.STATS["adopted"]) == (trained + 1, adopted + 2)
+    # each learner goes on exactly as if it had trained task 1 itself
+    for extra, trainable, first in zip(({}, dict(repulsion=True, lamda_rep=10.0), dict(contrastive=True, c_lr=1e-3)),
+                                       sharing, firsts, strict=True):
+        alone = BIRTrainable(config=dict(BASE, **extra, share_first_task=False))
+        own = [alone.train() for _ in range(2)]
+        assert first_task_cache.SHARED_KEY not in own[0]
+        strip = {first_task_cache.SHARED_KEY}
+        assert {k: v for k, v in comparable(first).items() if k not in strip} == comparable(own[0])
+        assert comparable(trainable.train()) == comparable(own[1])
+
+
+def test_a_different_first_task_config_is_not_shared():
+    BIRTrainable(config=BASE).train()
+    result = BIRTrainable(config=dict(BASE, lr=2e-3)).train()
+    assert result[first_task_cache.SHARED_KEY] == 0.0
 
 
 def test_reset_config_reuses_the_actor_and_its_data():

@@ -1,10 +1,12 @@
 """`BIRTrainable`: the tune_bir engine as a Ray Tune class Trainable; one `step()` = one segment.
 
-The Tune config is a flat dict of `BIRConfig` fields plus two trial options: `seeds_per_trial`
+The Tune config is a flat dict of `BIRConfig` fields plus three trial options: `seeds_per_trial`
 (N engines, seeds seed..seed+N-1, trained side by side; results are their means, and each seed's
-values under `seed<k>/`) and `baseline` (a marker for the sweep's baseline trial; no effect here).
-Checkpoints hold every engine's whole state, so Ray can restore a failed trial and a sweep can be
-resumed. Data comes from `trainables.data_cache` (once per node, once per process).
+values under `seed<k>/`), `baseline` (a marker for the sweep's baseline trial; no effect here) and
+`share_first_task` (adopt task 1 from `trainables.first_task_cache` when another trial on this node
+already trained it; default on). Checkpoints hold every engine's whole state, so Ray can restore a
+failed trial and a sweep can be resumed. Data comes from `trainables.data_cache` (once per node,
+once per process).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from ray import tune
 
 import tune_bir.data
-from trainables import data_cache
+from trainables import data_cache, first_task_cache
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine, resolve_device
 from tune_bir.errors import ConfigError
@@ -29,7 +31,7 @@ from tune_bir.sweep import SCHEDULER_METRIC
 
 CHECKPOINT_FILE = "learner.pt"
 CHECKPOINT_FORMAT = 1
-TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False}
+TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False, "share_first_task": True}
 # Diagnostics of the worker process, reported with every result (never used to select): they let
 # tests and users see actor reuse and data sharing at work.
 # Ray's progress table shows the first metrics of a result: these come first.
@@ -40,7 +42,8 @@ LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
 # images in all: the tie-break term (<= 1e-9) cannot outweigh a real accuracy difference.
 TIE_BREAK_WEIGHT = 1e-9
 WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/setup_s", "worker/data_loads",
-               "worker/data_cache_built", "worker/data_cache_mapped")
+               "worker/data_cache_built", "worker/data_cache_mapped", "worker/first_task_trained",
+               "worker/first_task_adopted")
 SETUP_CALLS = 0   # setup() calls in this process (a reused actor gets reset_config() instead)
 
 
@@ -90,6 +93,7 @@ class BIRTrainable(tune.Trainable):
             cfg = dataclasses.replace(base, seed=base.seed + k, device=str(device)).resolved()
             self.engines.append(Engine(cfg, data=data_cache.hidden_data(cfg, device)))
         self.segment_iters = base.segment_iters or None
+        self.share_first_task = bool(options["share_first_task"])
         self.diverged = False
         self.setup_s = time.perf_counter() - start
 
@@ -114,7 +118,10 @@ class BIRTrainable(tune.Trainable):
 
     def _step_engine(self, engine: Engine) -> dict[str, float]:
         try:
-            metrics = engine.train_segment(self.segment_iters)
+            if self.share_first_task and first_task_cache.shareable(engine, self.segment_iters):
+                metrics = first_task_cache.train_or_adopt_first_task(engine)
+            else:
+                metrics = engine.train_segment(self.segment_iters)
         except (RuntimeError, ValueError):
             # a numerical blow-up can surface as an error: when the model's own outputs are no longer
             # finite that is divergence, a property of the config; anything else is a bug and fails the trial
@@ -137,7 +144,9 @@ class BIRTrainable(tune.Trainable):
             "worker/pid": float(os.getpid()), "worker/setups": float(SETUP_CALLS),
             "worker/data_loads": float(tune_bir.data.LOAD_COUNT),
             "worker/data_cache_built": float(data_cache.STATS["built"]),
-            "worker/data_cache_mapped": float(data_cache.STATS["mapped"])}
+            "worker/data_cache_mapped": float(data_cache.STATS["mapped"]),
+            "worker/first_task_trained": float(first_task_cache.STATS["trained"]),
+            "worker/first_task_adopted": float(first_task_cache.STATS["adopted"])}
         if ray.is_initialized():
             stats["worker/node"] = ray.get_runtime_context().get_node_id()
         return stats

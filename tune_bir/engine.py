@@ -656,8 +656,7 @@ class Engine:
         """Continue from the end of task 1 as trained by another engine whose config differs only in fields
         that act on replay (`BIRConfig.first_task_fields`): the same learner this one would have become.
 
-        This engine keeps what task 1 never touched and the other engine may lack: its contrastive plugin
-        and the global torch RNG (only the plugin's dropout draws from it, and only on replay).
+        This engine keeps what task 1 never touched and the other engine may lack: its contrastive plugin.
         """
         if (self.task, self.iter_in_task) != (0, 0):
             raise ValueError("adopt_first_task needs an engine that has not trained yet")
@@ -669,10 +668,7 @@ class Engine:
         if differing:
             raise ValueError(f"task 1 of this config differs from the saved one in {differing}")
         own_contrastive = None if self.contrastive is None else self.contrastive.state_dict()
-        own_rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        self.load_state_dict(state | {"contrastive": own_contrastive,
-                                      "rng": state["rng"] | {"torch": own_rng["torch"], "cuda": own_rng["cuda"]}})
+        self.load_state_dict(state | {"contrastive": own_contrastive})
 
     @staticmethod
     def _snapshot_from(template: BIRModel, state: dict | None) -> BIRModel | None:

@@ -222,10 +222,18 @@ class ContrastiveReplay:
             return augment_mnist(h, self.generator)
         return self.conv(augment_cifar(self.aux_decoder(h), self.generator))
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout (p = c_drop; only called in training, F17) drawing from the plugin's own generator:
+        the engine's results never depend on the process-wide torch RNG."""
+        keep = 1.0 - self.cfg.c_drop
+        if keep == 1.0:
+            return x
+        mask = torch.rand(x.shape, generator=self.generator, device=x.device) < keep
+        return x * mask / keep
+
     def loss(self, e_views: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """SupCon over [v1; v2] (2*Br anchors); labels / soft positives from the previous model's scores."""
-        dropped = F.dropout(e_views, p=self.cfg.c_drop, training=True)  # only called in training (F17)
-        features = F.normalize(self.head(dropped), dim=1)
+        features = F.normalize(self.head(self._dropout(e_views)), dim=1)
         both = torch.cat([scores, scores])
         if self.cfg.c_scores:
             weights = losses.soft_positive_weights(both, self.cfg.temp)

@@ -138,6 +138,9 @@ def build_parser() -> OneLineArgumentParser:
                    help="ASHA keeps 1/reduction-factor of the trials at each rung (default: 4)")
     s.add_argument("--seeds-per-trial", type=int, default=1,
                    help="train N seeds (seed..seed+N-1) per trial and report their mean (default: 1)")
+    s.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=True,
+                   help="train task 1 once per node and let the other trials adopt it: exaggeration acts from "
+                        "task 2 on, so every trial's task 1 is the same (bit-identical; default: on)")
     s.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop the sweep after this many seconds")
     s.add_argument("--max-failures", type=int, default=2,
@@ -341,7 +344,7 @@ def _mlflow_parent(plan_json: dict[str, Any], tracking_uri: str, experiment_name
         "sweep_dir": plan_json["sweep_dir"]})
     args = plan_json["cli"]["args"]
     settings = {k: args[k] for k in ("space", "num_samples", "max_concurrent", "cpus_per_trial", "gpus_per_trial",
-                                     "grace_period", "reduction_factor", "seeds_per_trial")}
+                                     "grace_period", "reduction_factor", "seeds_per_trial", "share_first_task")}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in settings.items()])
     return exp_id, run.info.run_id
 
@@ -412,7 +415,8 @@ def _new_tuner(plan: SweepPlan, exp_id: str, parent_run_id: str, tracking_uri: s
     trainable = tune.with_resources(BIRTrainable, {"cpu": a["cpus_per_trial"], "gpu": a["gpus_per_trial"]})
     return tune.Tuner(
         trainable,
-        param_space={**plan.trial_base, "seeds_per_trial": a["seeds_per_trial"]},
+        param_space={**plan.trial_base, "seeds_per_trial": a["seeds_per_trial"],
+                     "share_first_task": a["share_first_task"]},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=a["max_concurrent"]),
             scheduler=scheduler, num_samples=a["num_samples"], reuse_actors=True,

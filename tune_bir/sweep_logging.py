@@ -9,8 +9,8 @@ its runs again by the sweep id and the Tune trial id, so a resumed sweep continu
 Run layout: parent tags `tune_bir.sweep_id`, `tune_bir.role=parent`; child tags
 `tune_bir.sweep_id`, `trial_id`, `trial_name`, `mlflow.parentRunId`, `trial_status`, and
 `tune_bir.last_task` (the last task whose metrics were logged, so nothing is logged twice).
-Params are the resolved config fields under their BIRConfig names, plus `seeds_per_trial` and
-`baseline`; metrics are logged at step = task (tasks finished).
+Params are the resolved config fields under their BIRConfig names, plus the trial options
+(`seeds_per_trial`, `baseline`, `share_first_task`); metrics are logged at step = task (tasks finished).
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""Task 1 once per node and first-task config: the trials of a sweep share it.
+
+Exaggeration acts on replayed memories, so from task 2 on; every trial of a sweep has the same base
+config and seed, so every trial trains task 1 to the very same learner. The first trial on a node to
+finish task 1 writes that learner (and its task-1 metrics) to a node-local cache file; later trials
+with the same first-task config adopt it (`Engine.adopt_first_task`, bit-identical to training it)
+and begin at task 2. Two trials that start together both train task 1 (no waiting on each other);
+the files are written atomically, so either copy serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import tune_bir
+from trainables.data_cache import cache_dir
+from tune_bir.engine import Engine
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+STATS = {"trained": 0, "adopted": 0}   # this process: first tasks trained (and cached) / adopted
+SHARED_KEY = "first_task_shared"       # result key: 1.0 when this step adopted task 1 instead of training it
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """Changes whenever the engine's code changes: a learner trained by other code is never adopted."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sorted(Path(tune_bir.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def first_task_key(engine: Engine) -> str:
+    """Everything task 1 depends on: the first-task config fields, the device and the code."""
+    parts = {"format": CACHE_FORMAT, "code": _code_fingerprint(), "device": str(engine.device),
+             "config": engine.cfg.first_task_fields()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def shareable(engine: Engine, segment_iters: int | None) -> bool:
+    """Task 1 can be shared when the engine has not trained yet and a step is a whole task."""
+    whole_tasks = segment_iters is None or segment_iters >= engine.cfg.iters
+    return whole_tasks and engine.task == 0 and engine.iter_in_task == 0 and engine.n_tasks > 1
+
+
+def _read(path: Path, device: torch.device) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        # damaged (e.g. a node that died while writing without the atomic rename): train instead
+        log.warning("ignoring unreadable first-task cache %s: %s", path, err)
+        return None
+    return cached if isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT else None
+
+
+def train_or_adopt_first_task(engine: Engine) -> dict[str, float]:
+    """Task 1 of a fresh engine: adopted from the node cache when there, else trained and cached."""
+    start = time.perf_counter()
+    path = cache_dir() / f"first-task-{engine.cfg.experiment}-{first_task_key(engine)}.pt"
+    cached = _read(path, engine.device)
+    if cached is not None:
+        engine.adopt_first_task(cached["engine"])
+        STATS["adopted"] += 1
+        return cached["metrics"] | {"time_this_step_s": time.perf_counter() - start, SHARED_KEY: 1.0}
+    metrics = engine.train_segment(None)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"format": CACHE_FORMAT, "engine": engine.state_dict(), "metrics": metrics}, tmp)
+    os.replace(tmp, path)
+    STATS["trained"] += 1
+    return metrics | {SHARED_KEY: 0.0}
