@@ -2,7 +2,8 @@
 
 The same N configs (the baseline plus N-1 drawn from a search space with a seeded sampler) are
 trained twice on a local Ray: once under ASHA with the sweep's settings and once each to the full
-budget. Printed: the ratio of segments trained (ASHA / full), the best `val_acc_avg` of each run
+budget. Printed: the ratio of segments trained (ASHA / full; the ASHA run also shares task 1 between
+trials, as sweeps do by default, and the ratio is given with and without that), the best `val_acc_avg` of each run
 among trials that trained every task, the test `acc_avg` of both winners, and Ray's overhead per
 trial = wall time of the trial (driver side, from start to completion) minus the time spent inside
 `step()`, i.e. actor start or reuse, setup, checkpoints and scheduling.
@@ -19,6 +20,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from analysis.status import rank_trials, trial_status
 from search_spaces import EXAGGERATION_OFF, load_space
 from trainables import BIRTrainable
+from trainables.data_cache import CACHE_DIR_ENV
 from tune_bir.config import BIRConfig
 from tune_bir.sweep import METRIC, MODE, SCHEDULER_METRIC, SWEEP_BASE, build_parser
 
@@ -107,12 +110,15 @@ def run(label: str, base: dict[str, Any], configs: list[dict[str, Any]], schedul
         wall = clock.wall[metrics["trial_id"]] + float(steps["worker/setup_s"].iloc[0])
         overheads.append((wall - inside, wall))
         rows.append({"status": trial_status(metrics, result.error is not None, n_tasks),
-                     "segments": int(metrics["training_iteration"]), "val_acc_avg": metrics.get(METRIC),
+                     "segments": int(metrics["training_iteration"]),
+                     "shared": int(steps.get("first_task_shared", 0.0 * steps["training_iteration"]).sum()),
+                     "val_acc_avg": metrics.get(METRIC),
                      "acc_avg": metrics.get("acc_avg"), "baseline": bool(result.config.get("baseline"))})
     ranked = rank_trials(rows)
     step_time = sum(float(r.metrics_dataframe["time_this_step_s"].sum()) for r in grid)
     return {"rows": rows, "best": ranked[0] if ranked else None, "overheads": overheads, "elapsed": elapsed,
-            "segments": sum(r["segments"] for r in rows), "first_start": min(clock.started.values()) - clock.began,
+            "segments": sum(r["segments"] for r in rows), "shared": sum(r["shared"] for r in rows),
+            "first_start": min(clock.started.values()) - clock.began,
             "busy": step_time / (elapsed * args.max_concurrent)}
 
 
@@ -133,6 +139,8 @@ def main() -> int:
     # preset configs set keys that the param space holds at their defaults: Tune warns for each, harmlessly
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a fresh node cache (the Ray workers inherit it): task-1 learners of earlier runs must not be adopted
+    os.environ[CACHE_DIR_ENV] = tempfile.mkdtemp(prefix="tune_bir-bench-cache-")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     base = {**SWEEP_BASE, "iters": args.iters, "seed": args.seed, "device": "cpu"}
     n_tasks = BIRConfig.from_dict(base).resolved().tasks
@@ -142,8 +150,8 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     asha = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE, max_t=n_tasks,
                          grace_period=args.grace_period, reduction_factor=args.reduction_factor)
-    early = run(f"asha-{stamp}", base, configs, asha, args, n_tasks, storage)
-    full = run(f"full-{stamp}", base, configs, FIFOScheduler(), args, n_tasks, storage)
+    early = run(f"asha-{stamp}", base | {"share_first_task": True}, configs, asha, args, n_tasks, storage)
+    full = run(f"full-{stamp}", base | {"share_first_task": False}, configs, FIFOScheduler(), args, n_tasks, storage)
     ray.shutdown()
 
     print(f"{len(configs)} configs of space '{args.space}' (baseline first), {args.iters} iterations per task, "
@@ -153,8 +161,12 @@ def main() -> int:
           f"{rung_milestones(grace, rf, n_tasks)} of {n_tasks}: with many configs the ratio tends to "
           f"{asymptotic_ratio(grace, rf, n_tasks):.3f}")
     ratio = early["segments"] / full["segments"]
-    print(f"segments trained: ASHA {early['segments']} / full {full['segments']} = {ratio:.3f} "
-          f"(wall {early['elapsed']:.0f} s / {full['elapsed']:.0f} s = {early['elapsed'] / full['elapsed']:.3f})")
+    trained = early["segments"] - early["shared"]
+    print(f"segments stepped: ASHA {early['segments']} / full {full['segments']} = {ratio:.3f} (ASHA alone); "
+          f"of ASHA's, {early['shared']} adopted task 1 from another trial: trained {trained} / {full['segments']} "
+          f"= {trained / full['segments']:.3f} (ASHA + shared task 1)")
+    print(f"wall time: ASHA {early['elapsed']:.0f} s / full {full['elapsed']:.0f} s "
+          f"= {early['elapsed'] / full['elapsed']:.3f}")
     for name, outcome in (("ASHA", early), ("full", full)):
         best = outcome["best"]
         statuses = {s: sum(r["status"] == s for r in outcome["rows"]) for s in ("completed", "stopped_early",

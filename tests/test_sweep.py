@@ -88,8 +88,8 @@ def test_sweep_runs_every_trial_with_the_baseline_first(sweep):
     baseline = [r for r in outcome.rows if r["baseline"]]
     assert len(baseline) == 1 and baseline[0]["trial_id"] == first.user_attrs["tune_trial_id"]
     config = next(r.config for r in outcome.result_grid if r.metrics["trial_id"] == baseline[0]["trial_id"])
-    assert not BIRConfig.from_dict({k: v for k, v in config.items() if k in TRIAL_PARAMS - {
-        "seeds_per_trial", "baseline"}}).resolved().uses_exaggeration
+    fields = set(BIRConfig.field_names())
+    assert not BIRConfig.from_dict({k: v for k, v in config.items() if k in fields}).resolved().uses_exaggeration
     assert all(r["repulsion"] for r in outcome.rows if not r["baseline"])
 
 
