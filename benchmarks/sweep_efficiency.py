@@ -159,7 +159,8 @@ def main() -> int:
     grace, rf = args.grace_period, args.reduction_factor
     print(f"ASHA on {SCHEDULER_METRIC}: grace period {grace} tasks, reduction factor {rf:g}; rungs after tasks "
           f"{rung_milestones(grace, rf, n_tasks)} of {n_tasks}: with many configs the ratio tends to "
-          f"{asymptotic_ratio(grace, rf, n_tasks):.3f}")
+          f"{asymptotic_ratio(grace, rf, n_tasks):.3f} (ASHA alone), "
+          f"{asymptotic_ratio(grace, rf, n_tasks) - 1 / n_tasks:.3f} (task 1 trained once and shared)")
     ratio = early["segments"] / full["segments"]
     trained = early["segments"] - early["shared"]
     print(f"segments stepped: ASHA {early['segments']} / full {full['segments']} = {ratio:.3f} (ASHA alone); "

@@ -303,7 +303,7 @@ class Engine:
         # autocast wraps the forward passes only; backward and the optimisers run outside it
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             objectives = self._objectives(h, y, t)
-        # the SI penalty enters as its gradient, added after backward (self._add_si_grad)
+        # the SI penalty enters as its gradient, added after backward (self._after_backward)
         if objectives.contrastive is None:
             self._optimise(objectives.main)
         else:
@@ -339,14 +339,14 @@ class Engine:
     def _optimise(self, total: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self._add_si_grad(total)
+        self._after_backward(total)
         self._clip()
         self.optimizer.step()
         if self.si is not None:
             self.si.after_step()
 
-    def _add_si_grad(self, total: torch.Tensor) -> None:
-        """Gradient of the SI penalty into .grad, as if it were part of `total` (logged with it)."""
+    def _after_backward(self, total: torch.Tensor) -> None:
+        """Add the SI penalty's gradient to .grad, as if the penalty were part of `total`; log both."""
         if self.si is None:
             self._log("total", total)
             return
@@ -367,7 +367,7 @@ class Engine:
         if self.cfg.contr_grad_mode == "reference":
             # the original: fcE's gradient holds grad L + grad L_con and both optimisers step it
             total.backward(retain_graph=True)  # L_con shares the replay pass through fcE
-            self._add_si_grad(total)
+            self._after_backward(total)
             contrastive_loss.backward()
             self.contrastive.optimizer.step()
             self._clip()
@@ -379,7 +379,7 @@ class Engine:
         enc_grads = torch.autograd.grad(contrastive_loss, enc_params, allow_unused=True)
         for p, g in zip(main_params, main_grads, strict=True):
             p.grad = g
-        self._add_si_grad(total)
+        self._after_backward(total)
         self._clip()
         self.optimizer.step()
         si_grads = None
