@@ -210,6 +210,15 @@ def test_asha_stops_a_trial_early_and_optuna_records_it_pruned(ray_session, tmp_
     assert outcome.best is None or outcome.best["status"] == "completed"
 
 
+def test_diverging_trials_end_as_diverged_under_asha_without_failing_the_sweep(ray_session, tmp_path):
+    # the weights overflow within a few steps at this learning rate; ASHA checks every result strictly
+    # for its metric, so a diverged result must still carry it (as NaN)
+    outcome = run_sweep([*TINY, "--lr", "1e30", "--num-samples", "2", "--max-concurrent", "1", "--name", "nan",
+                         "--storage-path", str(tmp_path / "rr"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert [r["status"] for r in outcome.rows] == ["diverged", "diverged"]
+    assert outcome.best is None and not outcome.interrupted
+
+
 def test_gpus_the_cluster_lacks_are_refused_before_any_trial(ray_session, tmp_path, capsys):
     code = run_main(PROG, main, [*TINY, "--gpus-per-trial", "0.5", "--name", "gpu",
                                  "--storage-path", str(tmp_path), "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"])

@@ -138,7 +138,8 @@ def test_a_diverging_config_ends_its_trial_as_diverged():
     trainable = BIRTrainable(config=dict(BASE, lr=1e30))   # the weights overflow within a few steps
     result = trainable.train()
     assert result["diverged"] is True and result["done"] is True
-    assert math.isnan(result["val_acc_avg"])
+    # the scheduler's metric is there too: Ray's ASHA fails the whole sweep on a result without it
+    assert math.isnan(result["val_acc_avg"]) and math.isnan(result[SCHEDULER_METRIC])
 
 
 def test_the_scheduler_metric_is_val_acc_avg_with_ties_broken_by_the_true_class_probability():

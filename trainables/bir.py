@@ -106,8 +106,8 @@ class BIRTrainable(tune.Trainable):
         if len(self.engines) > 1:
             for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
-        if "val_acc_avg" in result and "val_prob_avg" in result:
-            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
+        if "val_acc_avg" in result:   # every result carries it (NaN when diverged): ASHA checks strictly
+            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result.get("val_prob_avg", 0.0)
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
         result |= self._worker_stats() | {"worker/setup_s": self.setup_s}
         if self.diverged:
@@ -134,7 +134,7 @@ class BIRTrainable(tune.Trainable):
     @staticmethod
     def _diverged_metrics(engine: Engine) -> dict[str, float]:
         return {"task": float(engine.task), "iters_done": float(engine.iters_done),
-                "acc_avg": math.nan, "val_acc_avg": math.nan}
+                "acc_avg": math.nan, "val_acc_avg": math.nan, "prob_avg": math.nan, "val_prob_avg": math.nan}
 
     @staticmethod
     def _worker_stats() -> dict[str, Any]:
