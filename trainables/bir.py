@@ -107,7 +107,7 @@ class BIRTrainable(tune.Trainable):
             for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
         if "val_acc_avg" in result:   # every result carries it (NaN when diverged): ASHA checks strictly
-            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result.get("val_prob_avg", 0.0)
+            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
         result |= self._worker_stats() | {"worker/setup_s": self.setup_s}
         if self.diverged:

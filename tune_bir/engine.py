@@ -32,7 +32,7 @@ from tune_bir.exaggeration import (
     build_terms,
 )
 from tune_bir.model import BIRModel, ModelSpec
-from tune_bir.nets import ConvLayers, load_conv_layers
+from tune_bir.nets import ConvLayers, adam, load_conv_layers
 from tune_bir.si import SynapticIntelligence
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,8 @@ class Engine:
         self.terms: list[ExaggerationTerm] = build_terms(cfg, self.recon_loss)
         self.contrastive: ContrastiveReplay | None = build_contrastive(cfg, self)
         # the main optimiser holds every trainable model parameter (the projection head is not one)
-        self.optimizer = _adam(self.model.parameters(), cfg.lr, self.device)
-        self.generator_optimizer = _adam(
+        self.optimizer = adam(self.model.parameters(), cfg.lr, self.device)
+        self.generator_optimizer = adam(
             self.generator_model.parameters(), cfg.lr, self.device) if self.generator_model else None
         # SI scope: encoder and classifier (ALGORITHM.md 4 / defect O3); the rest keeps omega = 0
         self.si = SynapticIntelligence(
@@ -677,11 +677,6 @@ class Engine:
         snapshot = _frozen_copy(template)
         snapshot.load_state_dict(state)
         return snapshot
-
-
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam(lr, betas 0.9/0.999, eps 1e-8); the fused kernel where torch has one (one pass over the weights)."""
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
 
 
 def _frozen_copy(model: nn.Module) -> BIRModel:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
 from tune_bir.config import BIRConfig
-from tune_bir.nets import linear
+from tune_bir.nets import adam, linear
 
 if TYPE_CHECKING:
     from tune_bir.engine import Engine
@@ -212,8 +212,7 @@ class ContrastiveReplay:
             from tune_bir.nets import load_aux_decoder
 
             self.aux_decoder.load_state_dict(load_aux_decoder(cfg.pretrained_conv, device))
-        self.optimizer = torch.optim.Adam(list(model.fcE.parameters()) + list(self.head.parameters()),
-                                          lr=cfg.c_lr, betas=(0.9, 0.999), fused=device.type in ("cpu", "cuda"))
+        self.optimizer = adam(list(model.fcE.parameters()) + list(self.head.parameters()), cfg.c_lr, device)
 
     @torch.no_grad()
     def second_view(self, h: torch.Tensor) -> torch.Tensor:

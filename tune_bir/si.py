@@ -91,7 +91,7 @@ class SynapticIntelligence:
         """Add the gradient of `loss()`, 2c * omega * (theta - theta*), to each parameter's .grad; return `loss()`.
 
         The same update as putting `loss()` into the objective, without building its autograd graph:
-        a few multi-tensor kernels instead of ~8 elementwise ops (and their backward) per parameter.
+        four passes per parameter into reused buffers instead of ~8 elementwise ops and their backward.
         """
         terms = []
         for n, p in self.named_params.items():
