@@ -11,6 +11,17 @@ STATUSES = (COMPLETED, STOPPED_EARLY, ERRORED, DIVERGED)
 SELECTION_METRIC = "val_acc_avg"
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number that is neither NaN nor infinite (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def status_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many trials ended in each of STATUSES."""
+    statuses = [r["status"] for r in rows]
+    return {s: statuses.count(s) for s in STATUSES}
+
+
 def trial_status(last_result: Mapping[str, Any] | None, errored: bool, n_tasks: int) -> str:
     """What happened to a finished trial, from its last result: one of STATUSES."""
     if errored:
@@ -30,7 +41,7 @@ def rank_trials(rows: Iterable[Mapping[str, Any]], metric: str = SELECTION_METRI
     """
     def score(row: Mapping[str, Any]) -> float:
         value = row.get(metric)
-        return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+        return value if is_finite_number(value) else -math.inf
 
     candidates = [r for r in rows if r.get("status") == COMPLETED and score(r) > -math.inf]
     return sorted(candidates, key=score, reverse=True)

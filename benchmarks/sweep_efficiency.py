@@ -30,7 +30,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from analysis.status import rank_trials, trial_status
+from analysis.status import rank_trials, status_counts, trial_status
 from search_spaces import EXAGGERATION_OFF, load_space
 from trainables import BIRTrainable
 from trainables.data_cache import CACHE_DIR_ENV
@@ -101,21 +101,22 @@ def run(label: str, base: dict[str, Any], configs: list[dict[str, Any]], schedul
     start = time.perf_counter()
     grid = tuner.fit()
     elapsed = time.perf_counter() - start
-    rows, overheads = [], []
+    rows, overheads, step_time = [], [], 0.0
     for result in grid:
         metrics = result.metrics
         steps = result.metrics_dataframe
         inside = float(steps["time_this_step_s"].sum())
+        step_time += inside
         # Tune reports a trial started once its actor is up and setup (or reset) is done: add that back
         wall = clock.wall[metrics["trial_id"]] + float(steps["worker/setup_s"].iloc[0])
         overheads.append((wall - inside, wall))
         rows.append({"status": trial_status(metrics, result.error is not None, n_tasks),
                      "segments": int(metrics["training_iteration"]),
-                     "shared": int(steps.get("first_task_shared", 0.0 * steps["training_iteration"]).sum()),
+                     # only trials that share task 1 report first_task_shared (1.0 where they adopted it)
+                     "shared": int(steps["first_task_shared"].sum()) if "first_task_shared" in steps else 0,
                      "val_acc_avg": metrics.get(METRIC),
                      "acc_avg": metrics.get("acc_avg"), "baseline": bool(result.config.get("baseline"))})
     ranked = rank_trials(rows)
-    step_time = sum(float(r.metrics_dataframe["time_this_step_s"].sum()) for r in grid)
     return {"rows": rows, "best": ranked[0] if ranked else None, "overheads": overheads, "elapsed": elapsed,
             "segments": sum(r["segments"] for r in rows), "shared": sum(r["shared"] for r in rows),
             "first_start": min(clock.started.values()) - clock.began,
@@ -170,8 +171,7 @@ def main() -> int:
           f"= {early['elapsed'] / full['elapsed']:.3f}")
     for name, outcome in (("ASHA", early), ("full", full)):
         best = outcome["best"]
-        statuses = {s: sum(r["status"] == s for r in outcome["rows"]) for s in ("completed", "stopped_early",
-                                                                                "diverged", "errored")}
+        statuses = status_counts(outcome["rows"])
         if best is None:
             print(f"{name}: no trial trained every task ({statuses})")
             continue

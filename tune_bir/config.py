@@ -38,8 +38,10 @@ REPLAY_ONLY_FIELDS = (
     "recon_repulsion", "lamda_recon_rep", "recon_attraction", "lamda_recon_atr", "recon_rep_aver",
     "contrastive", "c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "not_hidden", "lamda_contr",
     "contr_grad_mode", "aux_decoder")
+# Fields that say where the results of one run go (a sweep does not take them per trial).
+RUN_OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning")
 # Fields that change where results go or how training is cut into segments, never what is computed.
-OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning", "apply_mask", "segment_iters")
+OUTPUT_FIELDS = (*RUN_OUTPUT_FIELDS, "apply_mask", "segment_iters")
 # SI strength when --c is omitted: the SI-alone values of the reference, by (protocol family, scenario).
 SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "domain"): 0.1,
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis.status import SELECTION_METRIC
 from search_spaces import EXAGGERATION_OFF, NAMED_SPACES, SearchSpace, load_space
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides, run_main
-from tune_bir.config import BIRConfig
+from tune_bir.config import RUN_OUTPUT_FIELDS, BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
 from tune_bir.tracking import default_tracking_uri
@@ -39,7 +40,7 @@ from tune_bir.tracking import default_tracking_uri
 log = logging.getLogger(__name__)
 
 PROG = "python -m tune_bir.sweep"
-METRIC, MODE = "val_acc_avg", "max"
+METRIC, MODE = SELECTION_METRIC, "max"   # what Optuna is told and the best config is chosen by
 # what ASHA ranks trials by at a rung: METRIC with ties broken (trainables.bir computes it)
 SCHEDULER_METRIC = "val_score"
 SWEEP_FILE, RESULTS_FILE, BEST_FILE = "sweep.json", "results.csv", "best_config.json"
@@ -48,7 +49,7 @@ SWEEP_BASE: dict[str, Any] = {"replay": "generative", "brain_inspired": True, "s
 # The embedded default (no --experiment, --iters or --config): a few minutes on a laptop CPU.
 DEMO_ITERS = 150
 # train flags that make no sense per trial (outputs of a single run)
-EXCLUDED_FLAGS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning")
+EXCLUDED_FLAGS = RUN_OUTPUT_FIELDS
 
 
 class SweepFolder:
@@ -447,14 +448,10 @@ def _restored_tuner(folder: SweepFolder, plan_json: dict[str, Any]):
 
 def _save(folder: SweepFolder, file: str, text: str, tracking_uri: str, run_id: str) -> None:
     """Write a summary file into the sweep folder and attach it to the sweep's MLflow parent run."""
-    import tempfile
-
     from mlflow.tracking import MlflowClient
 
     folder.write_text(file, text)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / file).write_text(text)
-        MlflowClient(tracking_uri).log_artifact(run_id, str(Path(tmp) / file))
+    MlflowClient(tracking_uri).log_text(run_id, text, file)
 
 
 def _set_parent_status(tracking_uri: str, run_id: str, status: str) -> None:
@@ -540,8 +537,7 @@ def _summarise(plan_json, folder: SweepFolder, grid, tracking_uri, parent_run_id
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from analysis.status import rank_trials
-    from tune_bir.sweep_logging import finite_or_none
+    from analysis.status import COMPLETED, is_finite_number, rank_trials, status_counts
 
     rows, unfinished = _trial_rows(grid, plan_json)
     # Ctrl+C stops Tune quietly: trials still running, or fewer trials than asked for within the budget
@@ -560,14 +556,13 @@ def _summarise(plan_json, folder: SweepFolder, grid, tracking_uri, parent_run_id
         _save(folder, BEST_FILE, json.dumps(values, indent=2), tracking_uri, parent_run_id)
         baseline = next((r for r in rows if r["baseline"]), None)
         now = int(dt.datetime.now().timestamp() * 1000)
-        metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in ("val_acc_avg", "acc_avg")
-                   if finite_or_none(best.get(k)) is not None]
-        if baseline and finite_or_none(baseline.get("val_acc_avg")) is not None and baseline["status"] == "completed":
-            metrics.append(Metric("baseline_val_acc_avg", float(baseline["val_acc_avg"]), now, 0))
+        metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in (METRIC, "acc_avg")
+                   if is_finite_number(best.get(k))]
+        if baseline and is_finite_number(baseline.get(METRIC)) and baseline["status"] == COMPLETED:
+            metrics.append(Metric(f"baseline_{METRIC}", float(baseline[METRIC]), now, 0))
         client.log_batch(parent_run_id, metrics=metrics, tags=[
             RunTag("best_trial_id", best["trial_id"]), RunTag("best_config", json.dumps(values))])
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "errored", "diverged")}
-    client.log_batch(parent_run_id, tags=[RunTag(f"trials_{k}", str(v)) for k, v in counts.items()])
+    client.log_batch(parent_run_id, tags=[RunTag(f"trials_{k}", str(v)) for k, v in status_counts(rows).items()])
     client.set_terminated(parent_run_id, status="KILLED" if unfinished else "FINISHED")
     searcher = tune_search_alg(tuner)
     return SweepOutcome(sweep_dir=folder.location, rows=rows, best=best, best_values=values, interrupted=unfinished,
@@ -585,8 +580,9 @@ def tune_search_alg(tuner: Any) -> Any:
 def _print_summary(outcome: SweepOutcome) -> None:
     plan = outcome.plan_json
     n_tasks = plan["resolved_base_config"]["tasks"]
-    counts = {s: sum(r["status"] == s for r in outcome.rows) for s in ("completed", "stopped_early", "diverged",
-                                                                        "errored")}
+    from analysis.status import COMPLETED, status_counts
+
+    counts = status_counts(outcome.rows)
     print()
     print(f"sweep {plan['name']}: {len(outcome.rows)} finished trials ("
           + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
@@ -607,7 +603,7 @@ def _print_summary(outcome: SweepOutcome) -> None:
             print(f"    task {k}: {best.get(f'acc_task_{k}', float('nan')):.4f} / "
                   f"{best.get(f'val_acc_task_{k}', float('nan')):.4f}")
         baseline = next((r for r in outcome.rows if r["baseline"]), None)
-        if baseline is not None and baseline["status"] == "completed" and not best["baseline"]:
+        if baseline is not None and baseline["status"] == COMPLETED and not best["baseline"]:
             print(f"  baseline: {METRIC} {baseline['val_acc_avg']:.4f} (test acc_avg {baseline['acc_avg']:.4f})")
         print("run it alone:")
         print(f"  {train_command(outcome.best_values)}")

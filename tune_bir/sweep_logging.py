@@ -16,7 +16,6 @@ Params are the resolved config fields under their BIRConfig names, plus the tria
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -159,8 +158,3 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, ERRORED)
-
-
-def finite_or_none(value: Any) -> Any:
-    """JSON-safe copy of a metric value (NaN and inf become None)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value

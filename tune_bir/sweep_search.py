@@ -11,14 +11,13 @@ id and the status in its user attributes.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any
 
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.status import COMPLETED, ERRORED, trial_status
+from analysis.status import COMPLETED, ERRORED, is_finite_number, trial_status
 from search_spaces import EXAGGERATION_OFF, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class TruthfulOptunaSearch(OptunaSearch):
 
     def _report(self, trial_id: str, result: dict | None) -> None:
         value = (result or {}).get(self.metric)
-        if not _finite(value) or "training_iteration" not in result:
+        if not is_finite_number(value) or "training_iteration" not in result:
             return
         with warnings.catch_warnings():
             # a trial restored from a checkpoint may report a step again: Optuna keeps the first value
@@ -83,14 +82,10 @@ class TruthfulOptunaSearch(OptunaSearch):
         status = trial_status(result, error, self.n_tasks)
         ot_trial.set_user_attr("trial_status", status)
         value = (result or {}).get(self.metric)
-        if status == COMPLETED and _finite(value):
+        if status == COMPLETED and is_finite_number(value):
             self._ot_study.tell(ot_trial, float(value), state=TrialState.COMPLETE)
         elif status == ERRORED:
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
         else:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
