@@ -67,13 +67,14 @@ class ClusterStartError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _base_env() -> dict[str, str]:
+def ray_subprocess_env() -> dict[str, str]:
+    """This process's environment without a foreign Ray's variables, quiet and without auth: for Ray subprocesses."""
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RAY_VARS}
     env.update(_QUIET)
     return env
@@ -219,13 +220,13 @@ def local_ray_cluster(worker_nodes: int = 1, cpus_per_node: int = 1) -> Iterator
     # /tmp, not $TMPDIR or pytest's tmp_path: Ray's socket paths below the temp dir must stay < 107 bytes
     temp_dir = Path(tempfile.mkdtemp(prefix="rt_", dir="/tmp"))
     assert len(str(temp_dir)) <= MAX_SOCKET_DIR, temp_dir
-    env = _base_env()
+    env = ray_subprocess_env()
     sessions: set[int] = set()
     common = [f"--num-cpus={cpus_per_node}", "--num-gpus=0", f"--temp-dir={temp_dir}",
               "--node-ip-address=127.0.0.1", f"--object-store-memory={OBJECT_STORE_BYTES}",
               "--disable-usage-stats"]
     try:
-        port = _free_port()
+        port = free_port()
         address = f"127.0.0.1:{port}"
         _ray_start(["--head", f"--port={port}", "--include-dashboard=false", *common],
                    env, START_TIMEOUT_S, temp_dir, sessions)

@@ -139,7 +139,7 @@ def test_tasks_must_divide_the_classes(experiment: str, n_tasks: int) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_other_task_counts_split_the_classes_evenly(mnist5k: Protocol) -> None:
+def test_other_task_counts_split_the_classes_evenly() -> None:
     p = load_protocol("splitMNIST5k", n_tasks=2)
     assert (p.n_tasks, p.classes_per_task) == (2, 5)
     assert set(p.train[1].y.tolist()) == {5, 6, 7, 8, 9}

@@ -45,7 +45,7 @@ def _sweep_argv(command: str) -> list[str]:
 
 
 def _parse_sweep_args(argv: list[str]):
-    sweep = pytest.importorskip("tune_bir.sweep")
+    from tune_bir import sweep
     try:
         return sweep.build_parser().parse_args(argv)
     except SystemExit as e:   # argparse reports on stderr and exits

@@ -9,17 +9,15 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import optuna
 import pytest
+import ray
+from mlflow.tracking import MlflowClient
 
-pytest.importorskip("ray")
-
-import optuna  # noqa: E402
-import ray  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from tune_bir.cli import run_main  # noqa: E402
-from tune_bir.config import BIRConfig  # noqa: E402
-from tune_bir.sweep import PROG, main, run_sweep  # noqa: E402
+from tests import sweep_helpers
+from tune_bir.cli import run_main
+from tune_bir.config import BIRConfig
+from tune_bir.sweep import PROG, main, run_sweep
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
 TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task"}
@@ -69,9 +67,7 @@ def sweep(ray_session, tmp_path_factory):
 
 
 def child_runs(outcome) -> list:
-    client = MlflowClient(outcome.tracking_uri)
-    exp = outcome.plan_json["mlflow"]["experiment_id"]
-    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    return sweep_helpers.child_runs(outcome.plan_json)
 
 
 def results_per_trial(outcome) -> dict:

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests import cluster_fixtures
 from tests.cluster_fixtures import LocalRayCluster
+from tests.sweep_helpers import child_runs
 
 two_node_ray_cluster = cluster_fixtures.two_node_ray_cluster   # the module-scoped fixture, used here
 
@@ -35,7 +35,5 @@ def test_sweep_with_address_auto_spreads_trials_over_both_nodes(two_node_ray_clu
     assert len(nodes) == 2                       # trials ran on the head and on the worker node
     assert checkpoints >= 4                      # checkpoints from both nodes reached the storage path
     plan = json.loads((sweep_dir / "sweep.json").read_text())
-    parent = plan["mlflow"]["parent_run_id"]
-    runs = MlflowClient(uri).search_runs([plan["mlflow"]["experiment_id"]],
-                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = child_runs(plan)
     assert len(runs) == 4 and all("trial_status" in r.data.tags for r in runs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,10 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.cluster_fixtures import free_port, ray_subprocess_env
+from tests.sweep_helpers import child_runs
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -53,8 +49,7 @@ def mlflow_server(tmp_path):
 
 
 def test_sweep_logs_every_trial_to_an_mlflow_server(mlflow_server, tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**ray_subprocess_env(), "MLFLOW_TRACKING_URI": mlflow_server, "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-m", "tune_bir.sweep", "--iters", "8", "--batch", "32",
                           "--num-samples", "3", "--num-cpus", "2", "--name", "srv",
                           "--storage-path", str(tmp_path / "rr")],
@@ -67,8 +62,7 @@ def test_sweep_logs_every_trial_to_an_mlflow_server(mlflow_server, tmp_path):
     plan = json.loads((tmp_path / "rr" / "srv" / "sweep.json").read_text())
     assert plan["mlflow"]["tracking_uri"] == mlflow_server
     parent_id = plan["mlflow"]["parent_run_id"]
-    runs = client.search_runs([plan["mlflow"]["experiment_id"]],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    runs = child_runs(plan)
     assert len(runs) == 3
     for run in runs:
         assert run.data.tags["trial_status"] in ("completed", "stopped_early", "diverged")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.cluster_fixtures import ray_subprocess_env
+from tests.sweep_helpers import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +31,7 @@ def results(sweep_dir: Path) -> dict[str, list[dict]]:
 
 
 def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**ray_subprocess_env(), "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--storage-path", str(tmp_path / "rr"), "--name", "r", "--num-cpus", "2"]
     first = subprocess.Popen([*SWEEP, "--iters", "30", "--batch", "32", "--num-samples", "4", "--max-concurrent",
@@ -72,8 +73,7 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
     client = MlflowClient(uri)
     plan = json.loads((sweep_dir / "sweep.json").read_text())
     parent_id = plan["mlflow"]["parent_run_id"]
-    runs = client.search_runs([plan["mlflow"]["experiment_id"]],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    runs = child_runs(plan)
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(after)      # one run per trial
     assert all(r.info.status != "RUNNING" and "trial_status" in r.data.tags for r in runs)
     for run in runs:
