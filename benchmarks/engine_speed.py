@@ -7,6 +7,11 @@ bf16` (mixed precision; its ratio is still to the fp32 floor, and the bf16 matmu
 beside it); the gain from caching the frozen conv layers' features; and the cost of each
 exaggeration term over plain BI-R+SI. Ratios only, no asserts.
 
+This machine's speed drifts by tens of per cent within a minute (shared cores), so each timed
+segment is paired with a matmul-rate probe taken just before it: step/floor is the median over
+segments of (segment's ms per step) / (floor at the rate probed beside it). The best rate of the
+run, the one a quiet machine reaches, is printed too, with the step time against it.
+
   python benchmarks/engine_speed.py [--threads N] [--steps N] [--skip-cifar] [--skip-terms] [--skip-bf16]
 """
 
@@ -16,6 +21,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,10 +42,20 @@ TERMS = {
 
 def matmul_flops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """Best-of-`reps` matmul throughput (FLOP/s) on this machine, now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(reps))
-    return 2 * n**3 / best
+    return MatmulProbe(n, dtype).rate(reps)
+
+
+class MatmulProbe:
+    """A large n x n matmul whose best-of-`reps` throughput gives this machine's FLOP/s at the moment."""
+
+    def __init__(self, n: int = 2048, dtype: torch.dtype = torch.float32):
+        self.n = n
+        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self.a @ self.b   # warm-up: thread pool, packing buffers
+
+    def rate(self, reps: int = 2) -> float:
+        best = min(_timed(lambda: self.a @ self.b) for _ in range(reps))
+        return 2 * self.n**3 / best
 
 
 def _timed(fn) -> float:
@@ -84,19 +100,36 @@ def timed_segment(engine: Engine, steps: int) -> float:
     return 1000 * statistics.median(diffs)
 
 
-def interleaved(engines: dict[str, Engine], steps: int, rounds: int) -> tuple[dict[str, float], float]:
-    """Median ms per step of each engine and the median matmul FLOP/s, measured round-robin.
+@dataclass
+class Timing:
+    """ms per step of one variant's segments, each with the fp32 matmul rate probed just before it."""
 
-    This machine is noisy: timing every variant (and the matmul) in each round makes the ratios
-    between them fair even when the load changes during the run.
+    ms: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.ms)
+
+    def floor_ratio(self, flops: float) -> float:
+        """Median over segments of step time / FLOP floor at the rate measured beside that segment."""
+        return statistics.median(ms / (1000 * flops / rate) for ms, rate in zip(self.ms, self.rates, strict=True))
+
+
+def interleaved(engines: dict[str, Engine], steps: int, rounds: int) -> tuple[dict[str, Timing], float]:
+    """Each engine's segment timings, measured round-robin, and the best fp32 matmul rate seen in the run.
+
+    This machine is noisy: timing every variant in each round, each segment right after a matmul
+    probe, keeps both the ratios between variants and the ratio to the floor fair when the load changes.
     """
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    rates = [matmul_flops()]
+    probe = MatmulProbe()
+    timings = {name: Timing() for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-            times[name].append(timed_segment(engine, steps))
-    rates.append(matmul_flops())  # before and after: the floor uses the better of the two
-    return {name: statistics.median(t) for name, t in times.items()}, max(rates)
+            timings[name].rates.append(probe.rate())
+            timings[name].ms.append(timed_segment(engine, steps))
+    best_rate = max(rate for timing in timings.values() for rate in timing.rates)
+    return timings, best_rate
 
 
 def mnist_engine(steps: int, **flags) -> Engine:
@@ -129,10 +162,17 @@ def cifar_engine(steps: int, conv_path: Path, protocol: Protocol, **flags) -> En
     return engine
 
 
-def report(name: str, ms: float, flops: float, flop_rate: float) -> None:
-    floor_ms = 1000 * flops / flop_rate
-    print(f"{name:<34} {ms:8.1f} ms/step   {flops / 1e9:6.2f} GFLOP   floor {floor_ms:7.1f} ms   "
-          f"step/floor {ms / floor_ms:5.2f}")
+def report(name: str, timing: Timing, flops: float, best_rate: float) -> None:
+    best_floor_ms = 1000 * flops / best_rate
+    print(f"{name:<34} {timing.median_ms:8.1f} ms/step   {flops / 1e9:6.2f} GFLOP   "
+          f"step/floor {timing.floor_ratio(flops):5.2f} (floor at the rate beside each segment); "
+          f"{timing.median_ms / best_floor_ms:5.2f} against the run's best rate (floor {best_floor_ms:.1f} ms)")
+
+
+def relative(timings: dict[str, Timing], name: str, base: str) -> float:
+    """Median over rounds of the step-time ratio of two variants timed side by side."""
+    pairs = zip(timings[name].ms, timings[base].ms, strict=True)
+    return statistics.median(a / b for a, b in pairs)
 
 
 def main() -> None:
@@ -173,7 +213,7 @@ def main() -> None:
         engines = {name: cifar_engine(steps * rounds + 2, conv_path, protocol, **flags)
                    for name, flags in cifar.items()}
         ms, flop_rate = interleaved(engines, steps, rounds)
-        base = engines["BI-R+SI"]
+        base, base_ms = engines["BI-R+SI"], ms["BI-R+SI"].median_ms
         flops = step_flops(base.model.spec, 256, 256)
         print_rates(flop_rate, precisions)
         report("(b) CIFAR-100 BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
@@ -184,20 +224,20 @@ def main() -> None:
             base.conv(images)
             conv_ms = 1000 * statistics.median(_timed(lambda: base.conv(images)) for _ in range(5))
         print(f"    conv layers on 256 images: {conv_ms:.1f} ms ({conv_flops(256) / 1e9:.2f} GFLOP); caching "
-              f"the frozen features makes a step x{(ms['BI-R+SI'] + conv_ms) / ms['BI-R+SI']:.2f} faster")
+              f"the frozen features makes a step x{(base_ms + conv_ms) / base_ms:.2f} faster")
         print_terms(ms, terms)
 
 
 def print_rates(fp32_rate: float, precisions: dict) -> None:
-    line = f"fp32 matmul {fp32_rate / 1e9:.1f} GFLOP/s (best of before / after the steps)"
+    line = f"fp32 matmul {fp32_rate / 1e9:.1f} GFLOP/s (best probe of the run)"
     if precisions:
         line += f"; bf16 matmul {matmul_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
     print(line)
 
 
-def print_terms(ms: dict[str, float], terms: dict) -> None:
+def print_terms(ms: dict[str, Timing], terms: dict) -> None:
     for name in terms:
-        print(f"    + {name:<28} {ms[name]:8.1f} ms/step   x{ms[name] / ms['BI-R+SI']:5.2f} of BI-R+SI")
+        print(f"    + {name:<28} {ms[name].median_ms:8.1f} ms/step   x{relative(ms, name, 'BI-R+SI'):5.2f} of BI-R+SI")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,25 @@ def log_normal_diag(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)
 
 
+def component_log_densities(z: Tensor, means: Tensor, logvars: Tensor) -> Tensor:
+    """[N, C] `log_normal_diag(z[:, None], means[None], logvars[None])`, with the squared distances as matmuls.
+
+    sum_d (z - m)^2 p = z^2 @ p.T - 2 z @ (m p).T + sum_d m^2 p, with p = exp(-logvar): two [N, D] x [D, C]
+    products instead of four elementwise passes over an [N, C, D] tensor (~15 ms of a CIFAR-100 step at
+    C = 20). Always fp32, also under bf16 autocast: the expansion cancels, and bf16 would lose whole nats.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        precision = torch.exp(-logvars)                                    # [C, D]
+        squared = (z.square() @ precision.T - 2 * (z @ (means * precision).T)
+                   + (means.square() * precision).sum(1))
+        # a sum of squares: the clamp removes the tiny negative values that cancellation can leave
+        return -0.5 * (logvars.sum(1) + squared.clamp_min(0))
+
+
 def gmm_log_prob(z: Tensor, means: Tensor, logvars: Tensor, weights: Tensor) -> Tensor:
     """log sum_c weights[n, c] * N(z_n; means_c, logvars_c), shape [N], shifted and floored as in 3.4."""
-    log_density = log_normal_diag(z[:, None, :], means[None], logvars[None])  # [N, C]
+    log_density = component_log_densities(z, means, logvars)  # [N, C]
     tiny = torch.finfo(log_density.dtype).tiny
     # Shifting by the largest WEIGHTED term (not by the largest density) keeps a one-hot mixture exact when z
     # lies far closer to a zero-weight mode; the clamp keeps log(0) out of the gradient of zero weights.
