@@ -33,7 +33,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from analysis.status import rank_trials, status_counts, trial_status
 from search_spaces import EXAGGERATION_OFF, load_space
 from trainables import BIRTrainable
-from trainables.data_cache import CACHE_DIR_ENV
+from trainables.node_cache import CACHE_DIR_ENV
 from tune_bir.config import BIRConfig
 from tune_bir.sweep import METRIC, MODE, SCHEDULER_METRIC, SWEEP_BASE, build_parser
 

@@ -1,19 +1,33 @@
-"""Shared test fixtures: CPU threads, fake MNIST / CIFAR folders, and an unreachable network."""
+"""Shared test fixtures: CPU threads, a node cache of the test session's own, fake MNIST / CIFAR folders, and an
+unreachable network."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from trainables.node_cache import CACHE_DIR_ENV
+
 torch.set_num_threads(2)
 
 _UNREACHABLE_PROXY = "http://127.0.0.1:9"   # the discard port: nothing listens, connections are refused
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_node_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Node-cache files (data, shared task 1) of this test session only: tests, their subprocesses and Ray
+    workers neither read a user's cache in /tmp nor leave files there."""
+    path = tmp_path_factory.mktemp("node-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(path))
+        yield path
 
 
 def _dump(path: Path, obj: dict) -> None:

@@ -4,6 +4,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +14,8 @@ from tune_bir.sweep import PROG, SweepFolder, best_values, build_parser, main, p
 from tune_bir.train import config_from_args
 
 
-def plan(*argv: str, tmp_path=None):
-    args = build_parser().parse_args([*argv, *(["--storage-path", str(tmp_path)] if tmp_path else [])])
-    return plan_from_args(args)
+def plan(*argv: str, tmp_path: Path):
+    return plan_from_args(build_parser().parse_args([*argv, "--storage-path", str(tmp_path)]))
 
 
 def test_no_arguments_plan_the_embedded_splitmnist5k_repulsion_sweep(tmp_path):

@@ -5,14 +5,17 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from ray.tune.schedulers import ASHAScheduler
 
 import tune_bir.data
 from trainables import BIRTrainable, data_cache, first_task_cache
 from trainables import bir as trainable_module
-from trainables.bir import TIE_BREAK_WEIGHT
+from trainables.bir import EXACT_TIE_WEIGHT, TIE_BREAK_WEIGHT, tie_rank
+from trainables.node_cache import CACHE_DIR_ENV
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.sweep import SCHEDULER_METRIC
@@ -26,7 +29,7 @@ VOLATILE = ("time_this_step_s", "time_this_iter_s", "time_total_s", "timestamp",
 @pytest.fixture(autouse=True)
 def node_cache(tmp_path, monkeypatch):
     """A fresh node cache folder and process memo per test."""
-    monkeypatch.setenv(data_cache.CACHE_DIR_ENV, str(tmp_path / "node-cache"))
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "node-cache"))
     data_cache.clear_memo()
     yield tmp_path / "node-cache"
     data_cache.clear_memo()
@@ -107,7 +110,7 @@ def test_data_is_loaded_once_per_node_and_memory_mapped_by_other_processes(node_
         "s = float(sum(t.x.double().sum() + t.y.double().sum() for t in d.train + d.val + d.test))\n"
         "print(json.dumps({'loads': tune_bir.data.LOAD_COUNT, 'stats': data_cache.STATS, 'sum': s}))\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, data_cache.CACHE_DIR_ENV: str(node_cache)})
+                         env={**os.environ, CACHE_DIR_ENV: str(node_cache)})
     assert out.returncode == 0, out.stderr
     other = json.loads(out.stdout.strip().splitlines()[-1])
     assert other["loads"] == 0                                  # no real load in the second process
@@ -143,9 +146,40 @@ def test_a_diverging_config_ends_its_trial_as_diverged():
 
 
 def test_the_scheduler_metric_is_val_acc_avg_with_ties_broken_by_the_true_class_probability():
-    result = BIRTrainable(config=dict(BASE, iters=3)).train()
+    config = dict(BASE, iters=3)
+    result = BIRTrainable(config=config).train()
     assert 0.0 < result["val_prob_avg"] < 1.0
-    assert result[SCHEDULER_METRIC] == result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
+    assert result[SCHEDULER_METRIC] == (result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
+                                        + EXACT_TIE_WEIGHT * tie_rank(config))
+
+
+def test_an_inert_config_ties_exactly_with_the_baseline_and_the_baseline_wins_the_tie():
+    baseline, inert = dict(BASE, iters=3, baseline=True), dict(BASE, iters=3, repulsion=True, lamda_rep=0.0)
+    results = []
+    for config in (baseline, inert):
+        trainable = BIRTrainable(config=config)
+        results.append([trainable.train() for _ in range(2)][-1])   # task 2: the term is switched on
+    ours, theirs = results
+    assert (ours["val_acc_avg"], ours["val_prob_avg"]) == (theirs["val_acc_avg"], theirs["val_prob_avg"])
+    assert ours[SCHEDULER_METRIC] > theirs[SCHEDULER_METRIC]
+    assert tie_rank(baseline) == 1.0 and 0.0 <= tie_rank(inert) < 1.0
+    assert tie_rank(inert) == tie_rank(dict(inert)) != tie_rank(dict(inert, lamda_rep=1.0))
+
+
+def test_exact_ties_at_a_rung_no_longer_all_pass_rays_asha():
+    def stopped_at_rung(scores: list[float]) -> int:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode="max", max_t=5,
+                                  grace_period=2, reduction_factor=4)
+        rung = scheduler._brackets[0]
+        actions = [rung.on_result(SimpleNamespace(trial_id=str(i)), 2, score) for i, score in enumerate(scores)]
+        return actions.count("STOP")
+
+    configs = [dict(BASE, repulsion=True, use_rep_f=True, lamda_rep=10.0**k) for k in range(16)]
+    tied = 0.9125 + TIE_BREAK_WEIGHT * 0.91   # what every one of them reports at the rung
+    broken = [tied + EXACT_TIE_WEIGHT * tie_rank(config) for config in configs]
+    assert len(set(broken)) == len(configs)    # float64 resolves the ranks
+    assert stopped_at_rung([tied] * len(configs)) == 0
+    assert stopped_at_rung(broken) >= len(configs) // 2
 
 
 def test_the_last_task_ends_the_trial_and_results_lead_with_the_selection_metric():

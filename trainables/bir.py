@@ -12,6 +12,8 @@ once per process).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -41,6 +43,12 @@ LEADING_KEYS = ("task", "val_acc_avg", "acc_avg", "forgetting_avg")
 # One validation image moves val_acc_avg by 1/(tasks x images of its task), >= 1e-6 for up to 10^6
 # images in all: the tie-break term (<= 1e-9) cannot outweigh a real accuracy difference.
 TIE_BREAK_WEIGHT = 1e-9
+# Configs can also tie EXACTLY (val_prob_avg too): a term whose gate admits no sample yet is inert, so
+# e.g. every --use-rep-f config is the baseline's learner at task 2. Ray's ASHA stops only trials strictly
+# below its cutoff, so a block of exact ties at the cutoff would all go on (25 of 64 in a measured sweep).
+# A fixed pseudo-random number per config breaks such ties; the baseline, the sweep's reference, wins
+# them. At 1e-13 it cannot reorder val_prob_avg differences above 1e-4, and float64 still resolves it.
+EXACT_TIE_WEIGHT = 1e-13
 WORKER_KEYS = ("worker/pid", "worker/node", "worker/setups", "worker/setup_s", "worker/data_loads",
                "worker/data_cache_built", "worker/data_cache_mapped", "worker/first_task_trained",
                "worker/first_task_adopted")
@@ -55,6 +63,15 @@ def split_config(config: dict[str, Any]) -> tuple[BIRConfig, dict[str, Any]]:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds-per-trial must be an integer >= 1, got {seeds!r}")
     return BIRConfig.from_dict(values), options
+
+
+def tie_rank(config: dict[str, Any]) -> float:
+    """A number in [0, 1] fixed by the trial's learner config (1 for the baseline) that orders exact ties."""
+    base, options = split_config(config)
+    if options["baseline"]:
+        return 1.0
+    digest = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _trial_device(name: str) -> torch.device:
@@ -95,6 +112,7 @@ class BIRTrainable(tune.Trainable):
         self.segment_iters = base.segment_iters or None
         self.share_first_task = bool(options["share_first_task"])
         self.diverged = False
+        self.tie_rank = tie_rank(config)
         self.setup_s = time.perf_counter() - start
 
     def step(self) -> dict[str, Any]:
@@ -107,7 +125,8 @@ class BIRTrainable(tune.Trainable):
             for engine, metrics in zip(self.engines, per_seed, strict=True):
                 result |= {f"seed{engine.cfg.seed}/{k}": v for k, v in metrics.items()}
         if "val_acc_avg" in result:   # every result carries it (NaN when diverged): ASHA checks strictly
-            result[SCHEDULER_METRIC] = result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
+            result[SCHEDULER_METRIC] = (result["val_acc_avg"] + TIE_BREAK_WEIGHT * result["val_prob_avg"]
+                                        + EXACT_TIE_WEIGHT * self.tie_rank)
         self.diverged = self.diverged or not all(_finite(v) for v in result.values())
         result |= self._worker_stats() | {"worker/setup_s": self.setup_s}
         if self.diverged:

@@ -9,12 +9,8 @@ and a reused trial actor takes the tensors from this process's memo without touc
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import json
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,34 +18,22 @@ import torch
 from filelock import FileLock
 
 import tune_bir.data
+from trainables.node_cache import cache_dir, cache_key, fingerprint, save_atomically
 from tune_bir.config import BIRConfig
 from tune_bir.engine import HiddenData, TaskTensors, prepare_hidden_data
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-CACHE_DIR_ENV = "TUNE_BIR_CACHE_DIR"
 _MEMO_SIZE = 8
 _memo: OrderedDict[tuple[str, str], HiddenData] = OrderedDict()
 STATS = {"built": 0, "mapped": 0, "memo": 0}   # this process: cache files written / mapped / memo hits
 
 
-def cache_dir() -> Path:
-    """`$TUNE_BIR_CACHE_DIR`, else a per-user folder in the node's temporary directory."""
-    configured = os.environ.get(CACHE_DIR_ENV)
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / f"tune_bir-cache-{uid}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @functools.cache
 def _code_fingerprint() -> str:
     """Changes whenever the code that builds the tensors changes (stale cache files are never read)."""
-    digest = hashlib.sha256()
-    digest.update(Path(tune_bir.data.__file__).read_bytes())
-    digest.update(inspect.getsource(prepare_hidden_data).encode())
-    return digest.hexdigest()[:16]
+    return fingerprint(Path(tune_bir.data.__file__).read_bytes(), inspect.getsource(prepare_hidden_data).encode())
 
 
 def data_key(cfg: BIRConfig) -> str:
@@ -61,7 +45,7 @@ def data_key(cfg: BIRConfig) -> str:
         conv = Path(cfg.pretrained_conv).expanduser().resolve()
         stat = conv.stat() if conv.exists() else None
         parts["conv"] = [str(conv), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_key(parts)
 
 
 def hidden_data(cfg: BIRConfig, device: torch.device) -> HiddenData:
@@ -80,9 +64,7 @@ def hidden_data(cfg: BIRConfig, device: torch.device) -> HiddenData:
             STATS["mapped"] += 1
         else:
             data = _build(cfg, device)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(_to_payload(data), tmp)
-            os.replace(tmp, path)
+            save_atomically(_to_payload(data), path)
             STATS["built"] += 1
             log.info("cached %s data for seed %d in %s", cfg.experiment, cfg.seed, path)
     _memo[memo_key] = data

@@ -11,17 +11,14 @@ the files are written atomically, so either copy serves.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
 import tune_bir
-from trainables.data_cache import cache_dir
+from trainables.node_cache import cache_dir, cache_key, fingerprint, save_atomically
 from tune_bir.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -34,18 +31,16 @@ SHARED_KEY = "first_task_shared"       # result key: 1.0 when this step adopted 
 @functools.cache
 def _code_fingerprint() -> str:
     """Changes whenever the engine's code changes: a learner trained by other code is never adopted."""
-    digest = hashlib.sha256(torch.__version__.encode())
-    for source in sorted(Path(tune_bir.__file__).parent.glob("*.py")):
-        digest.update(source.name.encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
+    sources = sorted(Path(tune_bir.__file__).parent.glob("*.py"))
+    return fingerprint(torch.__version__.encode(), *(part for src in sources for part in (src.name.encode(),
+                                                                                          src.read_bytes())))
 
 
 def first_task_key(engine: Engine) -> str:
     """Everything task 1 depends on: the first-task config fields, the device and the code."""
     parts = {"format": CACHE_FORMAT, "code": _code_fingerprint(), "device": str(engine.device),
              "config": engine.cfg.first_task_fields()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_key(parts)
 
 
 def shareable(engine: Engine, segment_iters: int | None) -> bool:
@@ -76,8 +71,6 @@ def train_or_adopt_first_task(engine: Engine) -> dict[str, float]:
         STATS["adopted"] += 1
         return cached["metrics"] | {"time_this_step_s": time.perf_counter() - start, SHARED_KEY: 1.0}
     metrics = engine.train_segment(None)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"format": CACHE_FORMAT, "engine": engine.state_dict(), "metrics": metrics}, tmp)
-    os.replace(tmp, path)
+    save_atomically({"format": CACHE_FORMAT, "engine": engine.state_dict(), "metrics": metrics}, path)
     STATS["trained"] += 1
     return metrics | {SHARED_KEY: 0.0}

@@ -37,7 +37,7 @@ from tune_bir.si import SynapticIntelligence
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2   # 2: the exaggeration terms' generator
 EVAL_BATCH = 1000
 
 
@@ -185,6 +185,10 @@ class Engine:
         check_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # once, at the start of a run: weight init (never inside the loop, F12)
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # the exaggeration terms' own draws (class representatives): switching a term on, or weighting it by
+        # zero, leaves the learner's batches, replay and noise as they are, i.e. the baseline's (seed + 2 and
+        # + 3 are the contrastive plugin's)
+        self.exaggeration_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 4)
         init_rng = torch.Generator().manual_seed(cfg.seed + 1)   # gate masks and GMM prior (CPU, device-free)
         self.conv = self._load_conv(cfg)
         if data is None:
@@ -470,7 +474,8 @@ class Engine:
                       "distillation": self._replay_prediction_loss(logits[rep], scores)}
             loss_replay = terms["recon_replay"] + terms["variational_replay"] + terms["distillation"]
             if self.terms:
-                state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None, self.rng)
+                state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None,
+                                           self.exaggeration_rng)
                 batch = ReplayBatch(h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
                                     recon=vae.recon[rep], state=state, model=model,
                                     image_pixels=self.data.image_pixels)
@@ -616,7 +621,8 @@ class Engine:
             "si": None if self.si is None else self.si.state_dict(),
             "contrastive": None if self.contrastive is None else self.contrastive.state_dict(),
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
-            "rng": {"engine": self.rng.get_state(), "torch": torch.get_rng_state(),
+            "rng": {"engine": self.rng.get_state(), "exaggeration": self.exaggeration_rng.get_state(),
+                    "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "acc_history": self.acc_history,
             "val_acc_history": self.val_acc_history,
@@ -646,6 +652,7 @@ class Engine:
             self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
         self.rng.set_state(rng["engine"])
+        self.exaggeration_rng.set_state(rng["exaggeration"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

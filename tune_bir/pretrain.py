@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tune_bir.data import load_protocol
     from tune_bir.engine import resolve_device
-    from tune_bir.nets import MLP, ConvLayers, linear
+    from tune_bir.nets import MLP, ConvLayers, adam, linear
 
     device = resolve_device(args.device)
     out = Path(args.out).expanduser().resolve()
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     conv = ConvLayers().to(device)
     head = nn.Sequential(nn.Flatten(), MLP([conv.out_units, 2000, 2000]), linear(2000, 10)).to(device)
     model = nn.Sequential(conv, head)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    optimizer = adam(model.parameters(), args.lr, device)
     augment = nn.Sequential(K.RandomCrop((32, 32)), K.RandomHorizontalFlip()).to(device)
     x_train, y_train = protocol.train[0].x, protocol.train[0].y
     rng = torch.Generator().manual_seed(args.seed)
@@ -111,10 +111,11 @@ def fit_aux_decoder(conv, x_train, total: int, args, device, rng) -> dict:
     from tqdm import tqdm
 
     from tune_bir.augment import AuxDecoder
+    from tune_bir.nets import adam
 
     conv.eval().requires_grad_(False)
     decoder = AuxDecoder().to(device).train()
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.lr * 10, betas=(0.9, 0.999))
+    optimizer = adam(decoder.parameters(), args.lr * 10, device)
     for _ in tqdm(range(total), desc="fitting auxiliary decoder", unit="it", file=sys.stdout):
         idx = torch.randint(0, len(x_train), (args.batch,), generator=rng)
         x = x_train[idx].to(device)

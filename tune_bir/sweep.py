@@ -36,6 +36,7 @@ from tune_bir.config import RUN_OUTPUT_FIELDS, BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
 from tune_bir.tracking import default_tracking_uri
+from tune_bir.train import PROG as TRAIN_PROG
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ DEMO_ITERS = 150
 EXCLUDED_FLAGS = RUN_OUTPUT_FIELDS
 
 
+def is_uri(location: str) -> bool:
+    """A remote storage URI (s3://, gs://, ...) rather than a local path."""
+    return "://" in location
+
+
 class SweepFolder:
     """The folder of one sweep, `<storage-path>/<name>`: a local path, or a URI (s3://, gs://) on a cluster."""
 
@@ -61,7 +67,7 @@ class SweepFolder:
 
     @classmethod
     def at(cls, storage_path: str, name: str) -> SweepFolder:
-        root = storage_path.rstrip("/") if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+        root = storage_path.rstrip("/") if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
         return cls(root, name)
 
     def __str__(self) -> str:
@@ -69,7 +75,7 @@ class SweepFolder:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.root
+        return not is_uri(self.root)
 
     def _fs(self, location: str):
         import pyarrow.fs
@@ -518,7 +524,7 @@ def best_values(plan_json: dict[str, Any], row: dict[str, Any]) -> dict[str, Any
 
 def train_command(values: dict[str, Any]) -> str:
     """A runnable `python -m tune_bir.train` line for a config dict."""
-    parts = ["python", "-m", "tune_bir.train"]
+    parts = TRAIN_PROG.split()
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -608,10 +614,10 @@ def _print_summary(outcome: SweepOutcome) -> None:
         print("run it alone:")
         print(f"  {train_command(outcome.best_values)}")
         best_file = f"{outcome.sweep_dir}/{BEST_FILE}"
-        if "://" in best_file:
-            print(f"  or: copy {best_file} here and run python -m tune_bir.train --config {BEST_FILE}")
+        if is_uri(best_file):
+            print(f"  or: copy {best_file} here and run {TRAIN_PROG} --config {BEST_FILE}")
         else:
-            print(f"  or: python -m tune_bir.train --config {shlex.quote(best_file)}")
+            print(f"  or: {TRAIN_PROG} --config {shlex.quote(best_file)}")
     print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
           f"{outcome.parent_run_id} in experiment '{plan['cli']['args']['mlflow_experiment']}'")
     print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)}")
