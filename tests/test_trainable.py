@@ -143,6 +143,8 @@ def test_a_diverging_config_ends_its_trial_as_diverged():
     assert result["diverged"] is True and result["done"] is True
     # the scheduler's metric is there too: Ray's ASHA fails the whole sweep on a result without it
     assert math.isnan(result["val_acc_avg"]) and math.isnan(result[SCHEDULER_METRIC])
+    # the segment that diverged was training time: the overhead benchmark must not count it as Ray's
+    assert 0.0 < result["time_this_step_s"] <= result["time_this_iter_s"]
 
 
 def test_the_scheduler_metric_is_val_acc_avg_with_ties_broken_by_the_true_class_probability():

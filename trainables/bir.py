@@ -136,6 +136,7 @@ class BIRTrainable(tune.Trainable):
         return result
 
     def _step_engine(self, engine: Engine) -> dict[str, float]:
+        start = time.perf_counter()
         try:
             if self.share_first_task and first_task_cache.shareable(engine, self.segment_iters):
                 metrics = first_task_cache.train_or_adopt_first_task(engine)
@@ -146,14 +147,16 @@ class BIRTrainable(tune.Trainable):
             # finite that is divergence, a property of the config; anything else is a bug and fails the trial
             if engine.outputs_finite():
                 raise
-            return self._diverged_metrics(engine)
+            return self._diverged_metrics(engine, start)
         # a model with non-finite outputs still "predicts" (argmax of NaN): its accuracies mean nothing
-        return metrics if engine.outputs_finite() else self._diverged_metrics(engine)
+        return metrics if engine.outputs_finite() else self._diverged_metrics(engine, start)
 
     @staticmethod
-    def _diverged_metrics(engine: Engine) -> dict[str, float]:
+    def _diverged_metrics(engine: Engine, start: float) -> dict[str, float]:
+        # the segment's time counts as training time (else it would pass for Ray's overhead)
         return {"task": float(engine.task), "iters_done": float(engine.iters_done),
-                "acc_avg": math.nan, "val_acc_avg": math.nan, "prob_avg": math.nan, "val_prob_avg": math.nan}
+                "acc_avg": math.nan, "val_acc_avg": math.nan, "prob_avg": math.nan, "val_prob_avg": math.nan,
+                "time_this_step_s": time.perf_counter() - start}
 
     @staticmethod
     def _worker_stats() -> dict[str, Any]:
