@@ -34,7 +34,8 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
     env = {**ray_subprocess_env(), "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--storage-path", str(tmp_path / "rr"), "--name", "r", "--num-cpus", "2"]
-    first = subprocess.Popen([*SWEEP, "--iters", "30", "--batch", "32", "--num-samples", "4", "--max-concurrent",
+    # tasks of a few seconds: the window "one trial done, another half-way" must outlast the polling below
+    first = subprocess.Popen([*SWEEP, "--iters", "120", "--batch", "32", "--num-samples", "4", "--max-concurrent",
                               "2", "--grace-period", "2", "--reduction-factor", "2", "--mlflow-uri", uri, *common],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sweep_dir = tmp_path / "rr" / "r"
@@ -43,7 +44,7 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
         ends = [lines[-1].get("done") for lines in results(sweep_dir).values()]
         if any(ends) and not all(ends):      # one trial finished, another one half-way
             break
-        time.sleep(1)
+        time.sleep(0.25)
     assert first.poll() is None, first.communicate()[0][-3000:]
     first.send_signal(signal.SIGINT)        # Ctrl+C: Tune saves the experiment state and stops
     output = first.communicate(timeout=300)[0]
