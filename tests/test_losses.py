@@ -62,6 +62,22 @@ def test_bce_from_logits_equals_bce_of_the_sigmoid_with_the_same_gradient():
     assert losses.recon_bce_from_logits(torch.zeros(1, 1), torch.full((1, 1), 30.0)).item() == pytest.approx(30.0)
 
 
+def test_bce_from_logits_matches_torch_in_float64_with_both_gradients():
+    g = torch.Generator().manual_seed(1)
+    logits = (6 * torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    expected = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+    torch.testing.assert_close(losses.recon_bce_from_logits(target, logits), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(losses.recon_bce_from_logits, (target, logits))
+
+
+def test_bce_from_logits_float32_is_within_rounding_of_torch():
+    g = torch.Generator().manual_seed(2)
+    logits, target = 8 * torch.randn(64, 784, generator=g), torch.rand(64, 784, generator=g)
+    expected = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none").mean(1)
+    assert (losses.recon_bce_from_logits(target, logits).double() - expected).abs().max() < 1e-6
+
+
 # ---- latent densities (3.4, 3.5)
 
 def test_log_normal_diag_is_torch_log_prob_without_the_constant():

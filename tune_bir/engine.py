@@ -106,7 +106,7 @@ class VAEPass:
     e: torch.Tensor            # encoder features
     mu: torch.Tensor           # posterior mean
     logvar: torch.Tensor       # posterior log-variance
-    recon: torch.Tensor        # reconstruction of the input
+    raw: torch.Tensor          # decoder output before its non-linearity (`BIRModel.activate` gives the reconstruction)
     recon_loss: torch.Tensor   # [N] reconstruction loss
     variational: torch.Tensor  # [N] (log q(z|h) - log p(z)) / image pixels
 
@@ -440,10 +440,9 @@ class Engine:
         mu, logvar = model.posterior(e)
         z = model.reparameterise(mu, logvar, self.rng)
         raw = model.decode_raw(z, class_weights if model.gated else None)
-        recon = model.activate(raw)
         log_prior = self._log_prior(model, z, class_weights, n_active)
         variational = losses.variational_per_sample(z, mu, logvar, log_prior, self.data.image_pixels)
-        return VAEPass(e, mu, logvar, recon, self.recon_loss_from_raw(h, raw), variational)
+        return VAEPass(e, mu, logvar, raw, self.recon_loss_from_raw(h, raw), variational)
 
     @staticmethod
     def _log_prior(model: BIRModel, z: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> torch.Tensor:
@@ -477,7 +476,7 @@ class Engine:
                 state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None,
                                            self.exaggeration_rng)
                 batch = ReplayBatch(h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
-                                    recon=vae.recon[rep], state=state, model=model,
+                                    recon=model.activate(vae.raw[rep]), state=state, model=model,
                                     image_pixels=self.data.image_pixels)
                 for term in self.terms:
                     value = term(batch)

@@ -113,9 +113,9 @@ class BIRModel(nn.Module):
             for layer in self.fcD_hidden:
                 a = layer(a, gate_input)
         else:
-            a = torch.relu(self.fromZ(z))
+            a = torch.relu_(self.fromZ(z))
             for layer in self.fcD_hidden:
-                a = torch.relu(layer(a))
+                a = torch.relu_(layer(a))
         return self.fcD_out(a).float().view(-1, *self.spec.in_shape)   # fp32 under bf16 autocast too
 
     # -- sampling (reads the prior parameters directly; never changes train/eval mode, defect O5)

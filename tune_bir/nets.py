@@ -30,7 +30,8 @@ class MLP(nn.Sequential):
     def __init__(self, sizes: list[int]):
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
-            layers += [linear(n_in, n_out), nn.ReLU()]
+            # in place: the linear layer's backward needs its input, not its output
+            layers += [linear(n_in, n_out), nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
 
@@ -49,7 +50,8 @@ class GatedLinear(nn.Module):
         self.register_buffer("mask", keep.float())
 
     def forward(self, x: torch.Tensor, gate_input: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear(x) * (gate_input @ self.mask))
+        # in place: the product's backward needs its factors, not the product
+        return torch.relu_(self.linear(x) * (gate_input @ self.mask))
 
 
 class ConvBlock(nn.Module):
