@@ -4,8 +4,10 @@ Prints, for (a) splitMNIST5k BI-R (and BI-R+SI) and (b) CIFAR-100 BI-R+SI on gen
 CIFAR-shaped data: ms per step while replay is active, this machine's fp32 matmul FLOP/s, the
 step's FLOP count from the layer sizes, and step time / FLOP floor; the same with `--precision
 bf16` (mixed precision; its ratio is still to the fp32 floor, and the bf16 matmul rate is printed
-beside it); the gain from caching the frozen conv layers' features; and the cost of each
-exaggeration term over plain BI-R+SI. Ratios only, no asserts.
+beside it); the step's own matrix products timed alone against the same floor (what the matmul
+library reaches at the model's shapes, the part of step/floor no change to the step can remove);
+the gain from caching the frozen conv layers' features; and the cost of each exaggeration term
+over plain BI-R+SI. Ratios only, no asserts.
 
 This machine's speed drifts by tens of per cent within a minute (shared cores), so each timed
 segment is paired with a matmul-rate probe taken just before it: step/floor is the median over
@@ -64,24 +66,50 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def linear_flops(spec: ModelSpec) -> tuple[int, int, int, int]:
-    """Multiply-accumulate counts (a*b) of encoder+classifier, latent and decoder layers, first-layer a*b."""
+def linear_layers(spec: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """(in, out) of the encoder+classifier, latent and decoder linear layers of a BI-R model."""
     sizes = spec.hidden_sizes
-    enc = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True)) + sizes[-1] * spec.n_classes
-    latent = 2 * sizes[-1] * spec.z_dim
-    down = list(reversed(sizes))
-    dec = spec.z_dim * down[0] + sum(a * b for a, b in zip(down[:-1], down[1:], strict=True))
-    return enc, latent, dec, sizes[0] * sizes[1]
+    enc = list(zip(sizes[:-1], sizes[1:], strict=True)) + [(sizes[-1], spec.n_classes)]
+    latent = [(sizes[-1], spec.z_dim)] * 2
+    down = [spec.z_dim] + list(reversed(sizes))
+    dec = list(zip(down[:-1], down[1:], strict=True))
+    return enc, latent, dec
+
+
+def step_gemms(spec: ModelSpec, batch: int, batch_replay: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matrix product of one BI-R step with replay, from the layer sizes.
+
+    Forward and backward over current + replayed samples (no input gradient for the first layer),
+    and the previous model generating the replay: decode, then encode and classify.
+    """
+    enc, latent, dec = linear_layers(spec)
+    n = batch + batch_replay
+    gemms = []
+    for i, (a, b) in enumerate(enc + latent + dec):
+        gemms += [(n, a, b), (b, n, a)]        # forward; weight gradient
+        if i > 0:
+            gemms.append((n, b, a))            # input gradient
+    gemms += [(batch_replay, a, b) for a, b in dec + enc]
+    return gemms
 
 
 def step_flops(spec: ModelSpec, batch: int, batch_replay: int) -> float:
-    """FLOPs of one BI-R step with replay: fwd+bwd over current+replay, plus replay generation."""
-    enc, latent, dec, first = linear_flops(spec)
-    n = batch + batch_replay
-    trained = 6 * (enc + latent + dec) * n - 2 * first * n  # no input gradient for the first layer
-    generation = 2 * (dec + enc) * batch_replay  # previous model: decode, then encode + classify
-    return float(trained + generation)
+    """FLOPs of one BI-R step with replay (2 m k n per product of `step_gemms`)."""
+    return float(sum(2 * m * k * n for m, k, n in step_gemms(spec, batch, batch_replay)))
 
+
+def gemms_alone_ms(gemms: list[tuple[int, int, int]], reps: int = 5) -> float:
+    """ms that the step's own matrix products take back to back, alone (best of `reps` per product).
+
+    Against the floor, this splits step/floor into what the matmul library reaches at the model's
+    shapes and what the rest of the step (autograd, elementwise ops, optimiser) adds.
+    """
+    total = 0.0
+    for m, k, n in gemms:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        total += min(_timed(lambda a=a, b=b: a @ b) for _ in range(reps))
+    return 1000 * total
 
 def conv_flops(n_images: int, size: int = 32) -> float:
     """Forward FLOPs of the frozen conv layers on n images."""
@@ -169,6 +197,16 @@ def report(name: str, timing: Timing, flops: float, best_rate: float) -> None:
           f"{timing.median_ms / best_floor_ms:5.2f} against the run's best rate (floor {best_floor_ms:.1f} ms)")
 
 
+def report_gemms_alone(gemms: list[tuple[int, int, int]], rounds: int = 3) -> None:
+    """The step's own matrix products timed alone, against the floor at the rate probed beside them."""
+    probe, flops = MatmulProbe(), sum(2 * m * k * n for m, k, n in gemms)
+    pairs = [(probe.rate(), gemms_alone_ms(gemms)) for _ in range(rounds)]
+    ms = statistics.median(ms for _, ms in pairs)
+    ratio = statistics.median(ms / (1000 * flops / rate) for rate, ms in pairs)
+    print(f"    its {len(gemms)} matrix products alone {ms:8.1f} ms        step/floor {ratio:5.2f} "
+          f"(the matmul library at the model's shapes; the rest of a step is autograd, elementwise ops, optimiser)")
+
+
 def relative(timings: dict[str, Timing], name: str, base: str) -> float:
     """Median over rounds of the step-time ratio of two variants timed side by side."""
     pairs = zip(timings[name].ms, timings[base].ms, strict=True)
@@ -196,6 +234,7 @@ def main() -> None:
     flops = step_flops(engines["BI-R"].model.spec, 128, 128)
     print_rates(flop_rate, precisions)
     report("(a) splitMNIST5k BI-R", ms["BI-R"], flops, flop_rate)
+    report_gemms_alone(step_gemms(engines["BI-R"].model.spec, 128, 128))
     report("    splitMNIST5k BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
     for name in precisions:
         report(f"    splitMNIST5k {name}", ms[name], flops, flop_rate)
@@ -217,6 +256,7 @@ def main() -> None:
         flops = step_flops(base.model.spec, 256, 256)
         print_rates(flop_rate, precisions)
         report("(b) CIFAR-100 BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
+        report_gemms_alone(step_gemms(base.model.spec, 256, 256))
         for name in precisions:
             report(f"    CIFAR-100 {name}", ms[name], flops, flop_rate)
         images = torch.randn(256, 3, 32, 32)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
+from benchmarks.engine_speed import step_flops, step_gemms
 from benchmarks.sweep_efficiency import asymptotic_ratio, rung_milestones
+from tune_bir.model import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +36,15 @@ def test_engine_speed_benchmark_prints_its_ratios():
         line = next(line for line in out.splitlines() if label in line)
         assert "ms/step" in line and "step/floor" in line
     assert "fp32 matmul" in out and "bf16 matmul" in out
+    assert "matrix products alone" in out
+
+
+def test_step_gemms_count_the_flops_of_the_layer_sizes_by_hand():
+    spec = ModelSpec((1, 4, 4), n_classes=3, fc_units=5, fc_layers=2, z_dim=2)
+    # layers (in, out): encoder 16->5, classifier 5->3, latent 5->2 twice, decoder 2->5, 5->16
+    layers = [(16, 5), (5, 3), (5, 2), (5, 2), (2, 5), (5, 16)]
+    n, replay = 6, 4
+    trained = sum(6 * n * a * b for a, b in layers) - 2 * n * 16 * 5   # no input gradient into the data
+    generation = 2 * replay * (2 * 5 + 5 * 16 + 16 * 5 + 5 * 3)       # decode, then encode + classify
+    assert step_flops(spec, 2, replay) == trained + generation
+    assert len(step_gemms(spec, 2, replay)) == 3 * len(layers) - 1 + 4
