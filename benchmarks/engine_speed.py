@@ -93,13 +93,18 @@ def step_gemms(spec: ModelSpec, batch: int, batch_replay: int) -> list[tuple[int
     return gemms
 
 
+def gemm_flops(gemms: list[tuple[int, int, int]]) -> float:
+    """FLOPs of a list of (m, k, n) matrix products: 2 m k n each."""
+    return float(sum(2 * m * k * n for m, k, n in gemms))
+
+
 def step_flops(spec: ModelSpec, batch: int, batch_replay: int) -> float:
-    """FLOPs of one BI-R step with replay (2 m k n per product of `step_gemms`)."""
-    return float(sum(2 * m * k * n for m, k, n in step_gemms(spec, batch, batch_replay)))
+    """FLOPs of one BI-R step with replay, from the products of `step_gemms`."""
+    return gemm_flops(step_gemms(spec, batch, batch_replay))
 
 
 def gemms_alone_ms(gemms: list[tuple[int, int, int]], reps: int = 5) -> float:
-    """ms that the step's own matrix products take back to back, alone (best of `reps` per product).
+    """ms that the step's own matrix products take, each timed alone (best of `reps`) and summed.
 
     Against the floor, this splits step/floor into what the matmul library reaches at the model's
     shapes and what the rest of the step (autograd, elementwise ops, optimiser) adds.
@@ -199,7 +204,7 @@ def report(name: str, timing: Timing, flops: float, best_rate: float) -> None:
 
 def report_gemms_alone(gemms: list[tuple[int, int, int]], rounds: int = 3) -> None:
     """The step's own matrix products timed alone, against the floor at the rate probed beside them."""
-    probe, flops = MatmulProbe(), sum(2 * m * k * n for m, k, n in gemms)
+    probe, flops = MatmulProbe(), gemm_flops(gemms)
     pairs = [(probe.rate(), gemms_alone_ms(gemms)) for _ in range(rounds)]
     ms = statistics.median(ms for _, ms in pairs)
     ratio = statistics.median(ms / (1000 * flops / rate) for rate, ms in pairs)
