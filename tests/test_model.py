@@ -1,6 +1,7 @@
-"""The BI-R model's sizes, gates, prior sampling and the conv layers (ALGORITHM.md 2, 3, 8)."""
+"""The BI-R model's sizes, gates, prior sampling and the conv layers (docs/algorithm.md "The model",
+"Pre-trained conv layers")."""
 
-from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +10,12 @@ from tune_bir.errors import ConfigError
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, load_conv_layers
 
-PUBLISHED_CONV = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "C3-5x16-bn"
+
+def write_published_format(path, state: dict) -> None:
+    """Write conv layers the way the original code published them (its file C3-5x16-bn): `{'state': state_dict}`
+    in torch's legacy (pre-zip) pickle format, with every tensor tagged as saved on a GPU ("cuda:0")."""
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        torch.save({"state": state}, path, _use_new_zipfile_serialization=False)
 
 
 def n_trainable(module: torch.nn.Module) -> int:
@@ -107,10 +113,22 @@ def test_conv_file_that_is_not_a_matching_state_dict_is_a_clear_error(tmp_path):
         load_conv_layers(tmp_path / "missing.pt", torch.device("cpu"))
 
 
-@pytest.mark.skipif(not PUBLISHED_CONV.is_file(), reason="published conv layers not beside the checkout")
-def test_conv_layers_published_with_the_original_code_load():
-    conv = load_conv_layers(PUBLISHED_CONV, torch.device("cpu"))
+def test_conv_layers_in_the_format_published_with_the_original_code_load(tmp_path):
+    source = ConvLayers()
+    with torch.no_grad():
+        for name, tensor in source.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    path = tmp_path / "C3-5x16-bn"
+    write_published_format(path, source.state_dict())
+    assert path.read_bytes()[:2] == b"\x80\x02"      # a bare pickle stream (legacy format), not a zip archive
+    if not torch.cuda.is_available():   # GPU-tagged tensors: loading needs map_location on a CPU-only machine
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    conv = load_conv_layers(path, torch.device("cpu"))
     assert sum(p.numel() for p in conv.parameters()) == 393_088
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(conv.state_dict()[name], tensor), name
     features = conv(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 256, 2, 2) and torch.isfinite(features).all()
-    assert conv.convLayer1.bn.running_var.abs().sum() > 0
+    assert not conv.training and not any(p.requires_grad for p in conv.parameters())
