@@ -47,6 +47,11 @@ SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "do
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: `lamda_rep` -> `--lamda-rep` (the original code's spelling)."""
+    return "--" + field_name.replace("_", "-")
+
+
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     """A config field carrying its CLI help (and optional choices / flag name) as metadata."""
     return field(default=default, metadata={"help": help, **meta})
