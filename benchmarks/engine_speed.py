@@ -1,4 +1,5 @@
-"""Speed of one training step against this machine's FLOP floor, measured in one run (DESIGN.md).
+"""Speed of one training step against this machine's FLOP floor, measured in one run
+(docs/architecture.md "Tests and benchmarks").
 
 Prints, for (a) splitMNIST5k BI-R (and BI-R+SI) and (b) CIFAR-100 BI-R+SI on generated
 CIFAR-shaped data: ms per step while replay is active, this machine's fp32 matmul FLOP/s, the

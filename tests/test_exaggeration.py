@@ -1,4 +1,5 @@
-"""Memory-exaggeration terms: shared replay state, masks, gradient directions, numerics (ALGORITHM.md 5)."""
+"""Memory-exaggeration terms: shared replay state, masks, gradient directions, numerics
+(docs/algorithm.md "Memory exaggeration")."""
 
 import itertools
 import math
@@ -46,7 +47,7 @@ def replay_batch(scores, mu, logvar, h=None, recon=None, n_rep=1, rep_f=None, se
                        model=model or FakeModel(scores.shape[1]), image_pixels=9)
 
 
-# -- shared replay state (5.0) --------------------------------------------------------------------
+# -- shared replay state (docs/algorithm.md "Replay-batch state") -----------------------------------------------------
 def test_ranking_gives_own_and_competing_class():
     state = ReplayState.build(scores_for([0, 1, 2], [3, 0, 1]), 1, None, torch.Generator())
     assert state.own.tolist() == [0, 1, 2]
@@ -83,7 +84,7 @@ def test_n_rep_is_clamped_to_the_previous_classes_available():
     assert state.competitors.shape == (2, 1)
 
 
-# -- distribution repulsion (5.1) ---------------------------------------------------------------
+# -- distribution repulsion (docs/algorithm.md "Distribution repulsion") ----------------------------------------------
 @pytest.mark.parametrize("target", ["prior", "sample", "class_mean"])
 @pytest.mark.parametrize("divergence", ["kl", "js", "js_ref"])
 def test_one_step_on_distribution_repulsion_increases_the_divergence(target, divergence):
@@ -150,7 +151,7 @@ def test_further_neighbours_add_terms():
     assert three.item() > one.item() > 0
 
 
-# -- reconstruction repulsion / attraction (5.2) ------------------------------------------------
+# -- reconstruction repulsion / attraction (docs/algorithm.md "Reconstruction repulsion and attraction") --------------
 @pytest.mark.parametrize("averaged", [False, True])
 @pytest.mark.parametrize("recon_loss", [losses.recon_bce, losses.recon_half_mse])
 def test_recon_repulsion_pushes_away_and_attraction_pulls_towards_the_target(averaged, recon_loss):
@@ -189,7 +190,7 @@ def test_recon_terms_are_finite_for_identical_reconstructions_and_zero_without_a
     assert ReconAttraction(1.0, True, losses.recon_half_mse, 1e-3)(batch2).item() == 0.0
 
 
-# -- augmentation (5.3) --------------------------------------------------------------------------
+# -- augmentation (docs/algorithm.md "Second views") ------------------------------------------------------------------
 def test_augmentation_uses_its_own_generator_and_leaves_the_global_rng_alone():
     x = torch.rand(16, 1, 28, 28)
     state = torch.get_rng_state()

@@ -1,4 +1,5 @@
-"""Losses and divergences of tune_bir.losses against ALGORITHM.md sections 3.4, 3.5, 5 and 8."""
+"""Losses and divergences of tune_bir.losses against docs/algorithm.md "Losses", "Latent and GMM prior" and
+"Memory exaggeration"."""
 
 import math
 
@@ -16,7 +17,7 @@ def _gaussians(n: int, z: int, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(n, z, generator=g, dtype=torch.float64) for _ in range(4))
 
 
-# ---- reconstruction (3.5)
+# ---- reconstruction (docs/algorithm.md "Reconstruction loss")
 
 def test_bce_of_half_target_and_half_recon_is_ln2():
     x = torch.full((3, 1, 4, 4), 0.5)
@@ -78,7 +79,7 @@ def test_bce_from_logits_float32_is_within_rounding_of_torch():
     assert (losses.recon_bce_from_logits(target, logits).double() - expected).abs().max() < 1e-6
 
 
-# ---- latent densities (3.4, 3.5)
+# ---- latent densities (docs/algorithm.md "Latent and GMM prior", "Variational loss")
 
 def test_log_normal_diag_is_torch_log_prob_without_the_constant():
     z, mu, lv, _ = _gaussians(5, 7, seed=0)
@@ -139,7 +140,7 @@ def test_variational_loss_is_mean_log_ratio_over_pixels():
     torch.testing.assert_close(losses.variational_loss(z, mu, lv, log_prior, 3072), expected)
 
 
-# ---- distillation (3.5)
+# ---- distillation (docs/algorithm.md "Distillation loss")
 
 def test_distillation_padded_target_columns_are_zero():
     # d loss / d logits = T/N * (softmax_T(logits) - q): columns >= K must carry q = 0
@@ -173,7 +174,7 @@ def test_distillation_rejects_more_teacher_classes_than_student_classes():
         losses.distillation_loss(torch.randn(2, 3), torch.randn(2, 4), 2.0)
 
 
-# ---- divergences (5.1, section 8 vectors)
+# ---- divergences (docs/algorithm.md "Distribution repulsion")
 
 @pytest.mark.parametrize(("mu_b", "lv_b", "per_dim"), [(1.0, 0.0, 0.5), (0.0, 1.0, 0.5 * math.exp(-1.0))])
 def test_kl_test_vectors_summed_over_dims(mu_b, lv_b, per_dim):
@@ -283,7 +284,7 @@ def test_inverse_clamped_floors_small_negative_and_nan_distances():
     assert d.grad[1:5].abs().sum() == 0
 
 
-# ---- supervised contrastive (5.3)
+# ---- supervised contrastive (docs/algorithm.md "Supervised contrastive replay")
 
 def _two_orthogonal_samples_two_views() -> torch.Tensor:
     return torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
@@ -334,7 +335,8 @@ def test_soft_positive_weights_are_probabilities_products_with_zero_diagonal():
 
 
 def _hard_negative_reference(features, weights, tau, tau_plus, beta, base):
-    """Per-anchor loops over the 5.3 --c-hard formula with unshifted exponentials."""
+    """Per-anchor loops over the --c-hard formula (docs/algorithm.md "Supervised contrastive replay"), with
+    unshifted exponentials."""
     n = features.shape[0]
     e = torch.exp(features @ features.T / tau)
     total = 0.0

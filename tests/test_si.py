@@ -1,4 +1,4 @@
-"""Synaptic Intelligence bookkeeping and penalty (ALGORITHM.md section 4 and the section 8 invariant)."""
+"""Synaptic Intelligence bookkeeping and penalty (docs/algorithm.md "Synaptic Intelligence")."""
 
 import io
 

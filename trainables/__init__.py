@@ -1,4 +1,4 @@
-"""Ray Tune adapters of the tune_bir engine (DESIGN.md "The sweep")."""
+"""Ray Tune adapters of the tune_bir engine (docs/architecture.md "Trainables")."""
 
 from trainables.bir import BIRTrainable
 

@@ -1,7 +1,9 @@
-"""Second views of replayed memories for contrastive learning and the not-hidden baseline (ALGORITHM.md 5.3).
+"""Second views of replayed memories for contrastive learning and the not-hidden baseline (docs/algorithm.md
+"Second views").
 
 The transforms are kornia's; every random decision is drawn from a dedicated torch.Generator seeded
-once from the run seed, so the global RNG is never reseeded or consumed by augmentation (defect F12).
+once from the run seed, so the global RNG is never reseeded or consumed by augmentation
+(difference "seed-once", docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from kornia.color import rgb_to_grayscale
 from kornia.geometry.transform import crop_and_resize, hflip
 from torch import nn
 
-MINMAX_EPS = 1e-8  # constant maps must not divide by zero (defect F21)
+MINMAX_EPS = 1e-8  # constant maps must not divide by zero (difference "minmax-eps", docs/algorithm.md)
 
 
 def _bernoulli(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -78,7 +80,8 @@ def augment_mnist(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def augment_cifar(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """CIFAR second view (5.3 step 3): per-sample min-max to [0, 1], kornia ops, back to the original range."""
+    """CIFAR second view: per-sample min-max to [0, 1], kornia ops, back to the original range
+    (docs/algorithm.md "Second views")."""
     flat = u.flatten(1)
     lo = flat.min(1).values.view(-1, 1, 1, 1)
     hi = flat.max(1).values.view(-1, 1, 1, 1)
@@ -91,7 +94,8 @@ def augment_cifar(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class AuxDecoder(nn.Module):
-    """Maps 256x2x2 conv features to a 3x32x32 image (5.3 step 2); random (reference) or pre-trained."""
+    """Maps 256x2x2 conv features to a 3x32x32 image; random (reference) or pre-trained
+    (docs/algorithm.md "Second views")."""
 
     def __init__(self):
         super().__init__()

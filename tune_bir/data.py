@@ -1,4 +1,4 @@
-"""Continual-learning protocols as in-memory tensors: split MNIST, split CIFAR-100 (ALGORITHM.md 1)."""
+"""Continual-learning protocols as in-memory tensors: split MNIST, split CIFAR-100 (docs/algorithm.md "Protocols")."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class _Spec:
     image_shape: tuple[int, int, int]
     n_classes: int
     default_tasks: int
-    permute: str                 # "always" | "seed>=10" | "never" (ALGORITHM.md 1.5)
+    permute: str                 # "always" | "seed>=10" | "never" (docs/algorithm.md "Class order")
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
 
 
@@ -124,7 +124,7 @@ def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", se
 
 
 def label_permutation(experiment: str, seed: int) -> np.ndarray:
-    """perm with new label = perm[original label] (ALGORITHM.md 1.5), drawn without the global RNG."""
+    """perm with new label = perm[original label] (docs/algorithm.md "Class order"), drawn without the global RNG."""
     spec = _SPECS[experiment]
     if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
         # same numbers as the reference's first np.random.permutation after np.random.seed(seed)

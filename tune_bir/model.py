@@ -1,6 +1,7 @@
 """The BI-R model: encoder -> classifier, latent (VAE) with per-class GMM prior -> decoder -> sampling.
 
-One network serves as classifier and generator ("replay-through-feedback", ALGORITHM.md 3).
+One network serves as classifier and generator ("replay-through-feedback",
+docs/algorithm.md "The model").
 Parts are optional so the same class also builds the baselines: a classifier alone
 (`--replay=none`) and a separate VAE generator (`--replay=generative` without `--feedback`).
 """
@@ -118,7 +119,8 @@ class BIRModel(nn.Module):
                 a = torch.relu_(layer(a))
         return self.fcD_out(a).float().view(-1, *self.spec.in_shape)   # fp32 under bf16 autocast too
 
-    # -- sampling (reads the prior parameters directly; never changes train/eval mode, defect O5)
+    # -- sampling (reads the prior parameters directly; never changes train/eval mode,
+    # difference "sampling-keeps-mode", docs/algorithm.md)
     def sample_latent(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """z from the prior: the GMM mode of each class, or N(0, I) for the standard prior."""
         n = classes.shape[0]

@@ -12,7 +12,7 @@ from tune_bir.errors import ConfigError
 
 
 def init_uniform_(layer: nn.Linear) -> nn.Linear:
-    """U(+-1/sqrt(fan_in)) for weight and bias (ALGORITHM.md 3.1)."""
+    """U(+-1/sqrt(fan_in)) for weight and bias (docs/algorithm.md "The model")."""
     bound = 1.0 / math.sqrt(layer.in_features)
     nn.init.uniform_(layer.weight, -bound, bound)
     if layer.bias is not None:
@@ -36,10 +36,12 @@ class MLP(nn.Sequential):
 
 
 class GatedLinear(nn.Module):
-    """Linear layer whose pre-activation is multiplied by a class-chosen binary gate (ALGORITHM.md 3.3).
+    """Linear layer whose pre-activation is multiplied by a class-chosen binary gate (docs/algorithm.md
+    "Gating based on internal context").
 
     The mask [n_classes x out] is drawn once (0 with probability `gate_prop`) and stored as a buffer,
-    so it is part of the state dict (the reference kept it as a plain tensor, defect O4).
+    so it is part of the state dict (the reference kept it as a plain tensor;
+    difference "gate-buffers", docs/algorithm.md).
     """
 
     def __init__(self, in_features: int, out_features: int, n_classes: int, gate_prop: float,
@@ -69,7 +71,8 @@ class ConvBlock(nn.Module):
 
 
 class ConvLayers(nn.Module):
-    """C3-5x16-bn: 5 conv layers 3->16->32->64->128->256, the last linear; 32x32 -> 256x2x2 (ALGORITHM.md 2)."""
+    """C3-5x16-bn: 5 conv layers 3->16->32->64->128->256, the last linear; 32x32 -> 256x2x2
+    (docs/algorithm.md "Pre-trained conv layers")."""
 
     channels = (3, 16, 32, 64, 128, 256)
     out_shape = (256, 2, 2)
@@ -91,7 +94,8 @@ class ConvLayers(nn.Module):
         return math.prod(self.out_shape)
 
     def train(self, mode: bool = True) -> ConvLayers:
-        # frozen layers never leave eval mode: BN keeps the stored running statistics (defect F20)
+        # frozen layers never leave eval mode: BN keeps the stored running statistics
+        # (difference "conv-always-eval", docs/algorithm.md)
         return super().train(mode and not self.frozen)
 
     def freeze(self) -> ConvLayers:

@@ -1,7 +1,7 @@
 """`python -m tune_bir.pretrain --experiment CIFAR10`: pre-train the conv layers used by CIFAR-100 BI-R.
 
-Recipe of ALGORITHM.md section 2: conv layers C3-5x16-bn + fc 1024-2000-2000 + linear to 10 classes,
-cross-entropy, Adam(1e-4), batch 256, 100 epochs, random crop (symmetric padding 4) + horizontal flip.
+Recipe of docs/algorithm.md "Pre-trained conv layers": conv layers C3-5x16-bn + fc 1024-2000-2000 + linear
+to 10 classes, cross-entropy, Adam(1e-4), batch 256, 100 epochs, random crop (symmetric padding 4) + horizontal flip.
 Only the conv layers are kept: `{'state': state_dict}` at ./models/conv-CIFAR10.pt by default.
 """
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fit_aux_decoder(conv, x_train, total: int, args, device, rng) -> dict:
-    """Fit D_aux to map frozen conv features back to the (normalised) image, MSE (ALGORITHM.md 5.3)."""
+    """Fit D_aux to map frozen conv features back to the (normalised) image, MSE (docs/algorithm.md "Second views")."""
     import torch
     from tqdm import tqdm
 

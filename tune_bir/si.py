@@ -1,4 +1,4 @@
-"""Synaptic Intelligence (Zenke et al., 2017) as used by BI-R+SI (ALGORITHM.md section 4)."""
+"""Synaptic Intelligence (Zenke et al., 2017) as used by BI-R+SI (docs/algorithm.md "Synaptic Intelligence")."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ _BUFFERS = ("W", "old", "omega", "theta_star")
 
 
 class SynapticIntelligence:
-    """Path-integral importance (omega) per parameter and the quadratic penalty anchoring it (section 4).
+    """Path-integral importance (omega) per parameter and the quadratic penalty anchoring it
+    (docs/algorithm.md "Synaptic Intelligence").
 
     named_params: the SI scope, name -> parameter. Only these parameters accumulate a path integral and
-        are penalised; every other parameter simply has omega = 0 (the engine passes fcE + classifier,
-        defect O3). The scope is explicit: nothing is skipped silently (defect O2).
+        are penalised; every other parameter simply has omega = 0 (the engine passes fcE + classifier:
+        difference "si-scope", docs/algorithm.md). The scope is explicit: nothing is skipped silently
+        (difference "si-explicit-state", docs/algorithm.md).
     c: strength (>= 0) multiplying the penalty in `loss()`; the CIFAR-100 BI-R+SI baseline uses 1e8.
     epsilon: damping (> 0) in omega = W / (Delta^2 + epsilon); bounds omega when a parameter barely moved.
 
@@ -55,7 +57,8 @@ class SynapticIntelligence:
     @torch.no_grad()
     def after_step(self, grads: dict[str, Tensor | None] | None = None) -> None:
         """After an optimiser step: W += -g * (theta - old); old = theta, with g = grads[name] or .grad (None = 0)."""
-        # explicit grads: .grad may also hold the contrastive objective's gradient, which SI must not see (4, 5.3)
+        # explicit grads: .grad may also hold the contrastive objective's gradient, which SI must not see
+        # (docs/algorithm.md "Synaptic Intelligence", "Supervised contrastive replay")
         if grads is not None:
             missing = self.named_params.keys() - grads.keys()
             if missing:

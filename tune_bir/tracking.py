@@ -1,4 +1,4 @@
-"""Where MLflow data goes by default (DESIGN.md "Default locations"); no MLflow import here."""
+"""Where MLflow data goes by default (docs/architecture.md "Default locations"); no MLflow import here."""
 
 from __future__ import annotations
 
