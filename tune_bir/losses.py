@@ -1,4 +1,5 @@
-"""Batched loss and divergence functions of BI-R and the exaggeration terms (ALGORITHM.md 3.4, 3.5, 5).
+"""Batched loss and divergence functions of BI-R and the exaggeration terms (docs/algorithm.md "Losses",
+"Memory exaggeration").
 
 Pure tensor functions: no models, no configuration objects, no loops over samples.
 """
@@ -12,17 +13,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------------
-# Reconstruction (3.5)
+# Reconstruction (docs/algorithm.md "Reconstruction loss")
 
 
 def recon_bce(target: Tensor, recon: Tensor) -> Tensor:
-    """Per-sample mean binary cross-entropy of a sigmoid reconstruction, shape [N] (3.5)."""
+    """Per-sample mean binary cross-entropy of a sigmoid reconstruction, shape [N]
+    (docs/algorithm.md "Reconstruction loss")."""
     # torch's BCE clamps log at -100 and guards its gradient, so recon values of exactly 0 or 1 are safe
     return F.binary_cross_entropy(recon, target, reduction="none").flatten(1).mean(1)
 
 
 def recon_half_mse(target: Tensor, recon: Tensor) -> Tensor:
-    """Per-sample mean of 0.5 * squared error, shape [N] (3.5; the 0.5 is the reference's "MSE")."""
+    """Per-sample mean of 0.5 * squared error, shape [N]; the 0.5 is the reference's "MSE"
+    (difference "image-pixel-scale", docs/algorithm.md)."""
     return (0.5 * (target - recon).square()).flatten(1).mean(1)
 
 
@@ -61,7 +64,7 @@ RECON_LOSSES = {"BCE": recon_bce, "MSE": recon_half_mse}
 RECON_LOSSES_FROM_RAW = {"BCE": recon_bce_from_logits, "MSE": recon_half_mse}
 
 # ----------------------------------------------------------------------------------------------------
-# Latent densities and the variational term (3.4, 3.5)
+# Latent densities and the variational term (docs/algorithm.md "Latent and GMM prior", "Variational loss")
 
 
 def log_normal_diag(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
@@ -86,7 +89,8 @@ def component_log_densities(z: Tensor, means: Tensor, logvars: Tensor) -> Tensor
 
 
 def gmm_log_prob(z: Tensor, means: Tensor, logvars: Tensor, weights: Tensor) -> Tensor:
-    """log sum_c weights[n, c] * N(z_n; means_c, logvars_c), shape [N], shifted and floored as in 3.4."""
+    """log sum_c weights[n, c] * N(z_n; means_c, logvars_c), shape [N], shifted and floored as in
+    docs/algorithm.md "Latent and GMM prior"."""
     log_density = component_log_densities(z, means, logvars)  # [N, C]
     tiny = torch.finfo(log_density.dtype).tiny
     # Shifting by the largest WEIGHTED term (not by the largest density) keeps a one-hot mixture exact when z
@@ -100,21 +104,23 @@ def gmm_log_prob(z: Tensor, means: Tensor, logvars: Tensor, weights: Tensor) -> 
 
 
 def variational_per_sample(z: Tensor, mu: Tensor, logvar: Tensor, log_prior: Tensor, n_pixels: int) -> Tensor:
-    """[N] single-sample KL estimates (log q(z|x) - log p(z)) / n_pixels (3.5, quirk O7: image pixels)."""
+    """[N] single-sample KL estimates (log q(z|x) - log p(z)) / n_pixels: IMAGE pixels
+    (difference "image-pixel-scale", docs/algorithm.md)."""
     return (log_normal_diag(z, mu, logvar) - log_prior) / n_pixels
 
 
 def variational_loss(z: Tensor, mu: Tensor, logvar: Tensor, log_prior: Tensor, n_pixels: int) -> Tensor:
-    """Mean over the batch of `variational_per_sample` (3.5)."""
+    """Mean over the batch of `variational_per_sample` (docs/algorithm.md "Variational loss")."""
     return variational_per_sample(z, mu, logvar, log_prior, n_pixels).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distillation (3.5)
+# Distillation (docs/algorithm.md "Distillation loss")
 
 
 def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * mean cross-entropy from zero-padded softmax_T(teacher) to log_softmax_T(student) (3.5)."""
+    """T^2 * mean cross-entropy from zero-padded softmax_T(teacher) to log_softmax_T(student)
+    (docs/algorithm.md "Distillation loss")."""
     n_active, n_previous = logits.shape[1], target_logits.shape[1]
     if n_previous > n_active:
         raise ValueError(f"teacher has {n_previous} classes but the student only {n_active}")
@@ -125,18 +131,20 @@ def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Divergences between diagonal Gaussians (5.1), summed over the last dim; all broadcast
+# Divergences between diagonal Gaussians, summed over the last dim; all broadcast
+# (docs/algorithm.md "Distribution repulsion")
 
 
 def kl_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
-    """KL(a || b) between diagonal Gaussians, summed over the last dim (5.1)."""
+    """KL(a || b) between diagonal Gaussians, summed over the last dim
+    (docs/algorithm.md "Distribution repulsion")."""
     log_ratio = lv_a - lv_b
     # expm1(r) - r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
     return 0.5 * (torch.expm1(log_ratio) - log_ratio + (mu_b - mu_a).square() * torch.exp(-lv_b)).sum(-1)
 
 
 def _kl_to_midpoint(log_ratio: Tensor, sq_diff: Tensor, lv: Tensor) -> Tensor:
-    """Per-dim KL(x || m) with mean_m = mean of the two means and log_ratio = lv_m - lv_x (5.1)."""
+    """Per-dim KL(x || m) with mean_m = mean of the two means and log_ratio = lv_m - lv_x."""
     # expm1(-r) + r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
     return 0.5 * (torch.expm1(-log_ratio) + log_ratio + 0.25 * sq_diff * torch.exp(-lv - log_ratio))
 
@@ -153,12 +161,14 @@ def _js_with_midpoint(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor, va
 
 
 def js_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
-    """Jensen-Shannon via the moment-matched mixture (5.1 "js"): symmetric, zero iff a == b."""
+    """Jensen-Shannon via the moment-matched mixture ("js"): symmetric, zero iff a == b
+    (difference "js-moment-matched", docs/algorithm.md)."""
     return _js_with_midpoint(mu_a, lv_a, mu_b, lv_b, var_scale=0.5, mean_gap_scale=0.25)
 
 
 def js_ref_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
-    """The reference's JS formula (5.1 "js_ref", defect F10): midpoint variance 0.25*(var_a + var_b)."""
+    """The reference's JS formula ("js_ref"): midpoint variance 0.25*(var_a + var_b)
+    (difference "js-moment-matched", docs/algorithm.md)."""
     return _js_with_midpoint(mu_a, lv_a, mu_b, lv_b, var_scale=0.25, mean_gap_scale=0.0)
 
 
@@ -166,24 +176,26 @@ DIVERGENCES = {"kl": kl_diag_gauss, "js": js_diag_gauss, "js_ref": js_ref_diag_g
 
 
 def inverse_clamped(d: Tensor, d_min: float) -> Tensor:
-    """1 / max(d, d_min) elementwise; NaN distances count as d_min and pass no gradient (5.1, F9)."""
+    """1 / max(d, d_min) elementwise; NaN distances count as d_min and pass no gradient
+    (difference "d-min-clamp", docs/algorithm.md)."""
     d = torch.where(torch.isnan(d), torch.full_like(d, d_min), d)
     return d.clamp_min(d_min).reciprocal()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Supervised contrastive learning (5.3)
+# Supervised contrastive learning (docs/algorithm.md "Supervised contrastive replay")
 
 
 def label_positive_weights(labels: Tensor) -> Tensor:
-    """[N, N] float: 1 where labels are equal, 0 elsewhere and on the diagonal (5.3)."""
+    """[N, N] float: 1 where labels are equal, 0 elsewhere and on the diagonal."""
     same = labels[:, None] == labels[None, :]
     same.fill_diagonal_(False)
     return same.to(torch.get_default_dtype())
 
 
 def soft_positive_weights(scores: Tensor, temperature: float) -> Tensor:
-    """[N, N] q_i . q_j with q = softmax(scores / T), zero diagonal, values in [0, 1] (5.3 --c-scores, F18)."""
+    """[N, N] q_i . q_j with q = softmax(scores / T), zero diagonal, values in [0, 1] (--c-scores;
+    difference "c-scores-probabilities", docs/algorithm.md)."""
     q = torch.softmax(scores / temperature, dim=1)
     weights = q @ q.T
     return weights.masked_fill(torch.eye(len(q), dtype=torch.bool, device=q.device), 0.0)
@@ -197,14 +209,15 @@ def _without_self(weights: Tensor) -> tuple[Tensor, Tensor]:
 
 def _mean_over_positives(log_prob: Tensor, weights: Tensor, temperature: float, base_temperature: float,
                          ) -> Tensor:
-    """mean_i -(T / T_base) * sum_j w_ij lp_ij / max(sum_j w_ij, 1e-8) (5.3)."""
+    """mean_i -(T / T_base) * sum_j w_ij lp_ij / max(sum_j w_ij, 1e-8)."""
     per_anchor = (weights * log_prob).sum(1) / weights.sum(1).clamp_min(1e-8)
     return -(temperature / base_temperature) * per_anchor.mean()
 
 
 def supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
                 base_temperature: float = 0.07) -> Tensor:
-    """Supervised contrastive loss on L2-normalised features [N, D], self excluded everywhere (5.3)."""
+    """Supervised contrastive loss on L2-normalised features [N, D], self excluded everywhere
+    (docs/algorithm.md "Supervised contrastive replay")."""
     if features.shape[0] < 2:
         return features.sum() * 0.0
     eye, weights = _without_self(positive_weights)
@@ -219,7 +232,8 @@ def supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
 
 def hard_negative_supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
                               tau_plus: float = 0.05, beta: float = 1.0, base_temperature: float = 0.07) -> Tensor:
-    """SupCon with debiased, hardness-reweighted negatives Neg(i) = {j != i : w_ij = 0} (5.3 --c-hard, F19)."""
+    """SupCon with debiased, hardness-reweighted negatives Neg(i) = {j != i : w_ij = 0} (--c-hard;
+    difference "c-hard-rows", docs/algorithm.md)."""
     if features.shape[0] < 2:
         return features.sum() * 0.0
     eye, weights = _without_self(positive_weights)
