@@ -30,15 +30,17 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from analysis.status import rank_trials, status_counts, trial_status
 from search_spaces import EXAGGERATION_OFF, load_space
 from trainables import BIRTrainable
+from trainables.bir import SCHEDULER_METRIC
 from trainables.node_cache import CACHE_DIR_ENV
 from tune_bir.config import BIRConfig
-from tune_bir.sweep import METRIC, MODE, SCHEDULER_METRIC, SWEEP_BASE, build_parser
+from tune_bir.sweep.plan import METRIC, MODE, SWEEP_BASE, build_parser
+from tune_bir.sweep.run import baseline_keeping_asha
+from tune_bir.sweep.status import rank_trials, status_counts, trial_status
 
 
 class TrialClock(tune.Callback):
@@ -152,8 +154,8 @@ def main() -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     storage = os.path.abspath(args.storage_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    asha = ASHAScheduler(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE, max_t=n_tasks,
-                         grace_period=args.grace_period, reduction_factor=args.reduction_factor)
+    asha = baseline_keeping_asha(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE, max_t=n_tasks,
+                                 grace_period=args.grace_period, reduction_factor=args.reduction_factor)
     early = run(f"asha-{stamp}", base | {"share_first_task": True}, configs, asha, args, n_tasks, storage)
     full = run(f"full-{stamp}", base | {"share_first_task": False}, configs, FIFOScheduler(), args, n_tasks, storage)
     ray.shutdown()

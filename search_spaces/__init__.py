@@ -37,7 +37,7 @@ NAMED_SPACES = ("repulsion", "recon", "contrastive", "all")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 
 # The baseline of a sweep: its base config with every exaggeration mechanism (and the options that
-# only exist with one of them) off (DESIGN.md "The sweep").
+# only exist with one of them) off (docs/sweep.md "What a sweep runs").
 EXAGGERATION_OFF: dict[str, Any] = {
     "repulsion": False, "recon_repulsion": False, "recon_attraction": False, "contrastive": False,
     "use_rep_f": False, "recon_rep_aver": False, "c_scores": False, "c_hard": False,
@@ -107,6 +107,15 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "source": self.source,
                 "fixed": dict(self.fixed), "params": {p.name: p.to_dict() for p in self.params}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSpace:
+        """The space `to_dict()` wrote (e.g. into a sweep's sweep.json), as it was when the sweep began."""
+        params = tuple(Param(name, spec["distribution"], spec.get("low"), spec.get("high"),
+                             tuple(spec.get("choices", ())), dict(spec.get("when", {})))
+                       for name, spec in data["params"].items())
+        return cls(name=data["name"], description=data["description"], fixed=dict(data["fixed"]),
+                   params=params, source=data["source"])
 
     def validate_against(self, base: dict[str, Any]) -> None:
         """Every bound of every parameter, with the space's switches on, gives a valid config."""

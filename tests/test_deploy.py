@@ -45,9 +45,9 @@ def _sweep_argv(command: str) -> list[str]:
 
 
 def _parse_sweep_args(argv: list[str]):
-    from tune_bir import sweep
+    from tune_bir.sweep.plan import build_parser
     try:
-        return sweep.build_parser().parse_args(argv)
+        return build_parser().parse_args(argv)
     except SystemExit as e:   # argparse reports on stderr and exits
         pytest.fail(f"`{SWEEP}` rejects {' '.join(argv)} (exit {e.code})")
 

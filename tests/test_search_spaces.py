@@ -8,7 +8,7 @@ import pytest
 from search_spaces import EXAGGERATION_OFF, NAMED_SPACES, load_space
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
-from tune_bir.sweep import SWEEP_BASE
+from tune_bir.sweep.plan import SWEEP_BASE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from tests import sweep_helpers
 from tune_bir.cli import run_main
 from tune_bir.config import BIRConfig
-from tune_bir.sweep import PROG, main, run_sweep
+from tune_bir.sweep.driver import main, run_sweep
+from tune_bir.sweep.plan import PROG
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
 TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task"}
@@ -67,7 +68,7 @@ def sweep(ray_session, tmp_path_factory):
 
 
 def child_runs(outcome) -> list:
-    return sweep_helpers.child_runs(outcome.plan_json)
+    return sweep_helpers.child_runs(outcome.plan.to_json())
 
 
 def results_per_trial(outcome) -> dict:

@@ -10,7 +10,10 @@ import pytest
 
 from tune_bir.cli import run_main
 from tune_bir.config import BIRConfig
-from tune_bir.sweep import PROG, SweepFolder, best_values, build_parser, main, plan_from_args, train_command
+from tune_bir.sweep.driver import main
+from tune_bir.sweep.plan import PROG, build_parser, plan_from_args
+from tune_bir.sweep.storage import SweepFolder
+from tune_bir.sweep.summary import best_values, train_command
 from tune_bir.train import config_from_args
 
 
@@ -24,7 +27,7 @@ def test_no_arguments_plan_the_embedded_splitmnist5k_repulsion_sweep(tmp_path):
     assert (cfg.experiment, cfg.iters, cfg.val_fraction) == ("splitMNIST5k", 150, 0.1)
     assert cfg.brain_inspired and cfg.si and cfg.replay == "generative"
     assert p.space.name == "repulsion"
-    assert (p.args["num_samples"], p.args["max_concurrent"], p.args["cpus_per_trial"]) == (6, 2, 1.0)
+    assert (p.options.num_samples, p.options.max_concurrent, p.options.cpus_per_trial) == (6, 2, 1.0)
     assert (p.max_t, p.grace_t) == (5, 2)
     assert p.folder.root == str(tmp_path) and p.folder.name.startswith("repulsion-splitMNIST5k-")
 
@@ -36,8 +39,8 @@ def test_asha_budget_is_counted_in_segments(tmp_path):
 
 def test_base_flags_are_the_train_flags_and_paths_are_made_absolute(tmp_path):
     p = plan("--experiment", "splitMNIST", "--c", "0.5", "--data-dir", "rel/data", "--no-si", tmp_path=tmp_path)
-    assert p.user_base["c"] == 0.5 and p.user_base["si"] is False
-    assert "iters" not in p.user_base                 # a named experiment keeps its own iterations
+    assert p.base_config["c"] == 0.5 and p.base_config["si"] is False
+    assert "iters" not in p.base_config                 # a named experiment keeps its own iterations
     assert p.trial_base["data_dir"].startswith("/") and p.trial_base["data_dir"].endswith("rel/data")
 
 
@@ -89,16 +92,15 @@ def test_existing_sweep_folder_needs_resume(tmp_path, capsys):
 
 def test_best_config_becomes_a_runnable_train_line_and_json(tmp_path):
     p = plan("--iters", "40", tmp_path=tmp_path)
-    plan_json = p.to_json()
     row = {"baseline": False, "repulsion": True, "lamda_rep": 123.456789012345, "kl_js": "kl",
            "use_rep_f": True, "rep_f": 6.5, "n_rep": 2}
-    values = best_values(plan_json, row)
+    values = best_values(p, row)
     line = train_command(values)
     assert line.startswith("python -m tune_bir.train ") and "--lamda-rep=123.456789012345" in line
     from_line = config_from_args(shlex.split(line)[3:])
     assert from_line == BIRConfig.from_dict(values).resolved()
     assert from_line.repulsion and from_line.rep_f == 6.5 and from_line.iters == 40
-    baseline = best_values(plan_json, {"baseline": True})
+    baseline = best_values(p, {"baseline": True})
     assert not BIRConfig.from_dict(baseline).resolved().uses_exaggeration
 
 

@@ -14,11 +14,10 @@ from ray.tune.schedulers import ASHAScheduler
 import tune_bir.data
 from trainables import BIRTrainable, data_cache, first_task_cache
 from trainables import bir as trainable_module
-from trainables.bir import EXACT_TIE_WEIGHT, TIE_BREAK_WEIGHT, tie_rank
+from trainables.bir import EXACT_TIE_WEIGHT, SCHEDULER_METRIC, TIE_BREAK_WEIGHT, tie_rank
 from trainables.node_cache import CACHE_DIR_ENV
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
-from tune_bir.sweep import SCHEDULER_METRIC
 
 BASE = dict(replay="generative", brain_inspired=True, si=True, val_fraction=0.1, iters=6, batch=32, device="cpu")
 VOLATILE = ("time_this_step_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "time_since_restore",

@@ -29,8 +29,10 @@ from trainables import data_cache, first_task_cache
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine, resolve_device
 from tune_bir.errors import ConfigError
-from tune_bir.sweep import SCHEDULER_METRIC
 
+# What ASHA ranks trials by at a rung: val_acc_avg with its ties broken (see TIE_BREAK_WEIGHT below);
+# every result carries it, the sweep driver reads the name from here.
+SCHEDULER_METRIC = "val_score"
 CHECKPOINT_FILE = "learner.pt"
 CHECKPOINT_FORMAT = 1
 TRIAL_OPTIONS: dict[str, Any] = {"seeds_per_trial": 1, "baseline": False, "share_first_task": True}

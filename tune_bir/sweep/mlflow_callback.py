@@ -24,8 +24,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from analysis.status import COMPLETED, ERRORED, STOPPED_EARLY, trial_status
 from trainables.bir import TRIAL_OPTIONS, split_config
+from tune_bir.sweep.plan import MlflowLocation
+from tune_bir.sweep.status import COMPLETED, ERRORED, STOPPED_EARLY, trial_status
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def trial_tags(config: dict[str, Any]) -> dict[str, str]:
+    """Labels a driver put into a trial's config under `__<name>` (e.g. a confirmation's config and seed):
+    the trainable ignores them, MLflow gets them as tags."""
+    return {k[2:]: str(v) for k, v in config.items() if k.startswith("__") and not k.startswith("___")}
+
+
 def trial_params(config: dict[str, Any]) -> dict[str, str]:
     """MLflow params of a trial: every resolved config field plus the trial options."""
     cfg, options = split_config(config)
@@ -62,10 +69,10 @@ def trial_params(config: dict[str, Any]) -> dict[str, str]:
 class MlflowSweepCallback(Callback):
     """Tune callback (driver side) writing each trial of one sweep to MLflow."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, n_tasks: int):
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
+    def __init__(self, location: MlflowLocation, sweep_id: str, n_tasks: int):
+        self.tracking_uri = location.tracking_uri
+        self.experiment_id = location.experiment_id
+        self.parent_run_id = location.parent_run_id
         self.sweep_id = sweep_id
         self.n_tasks = n_tasks
         self._client: MlflowClient | None = None
@@ -117,7 +124,7 @@ class MlflowSweepCallback(Callback):
             return self._runs[trial_id]
         run = client.create_run(self.experiment_id, run_name=str(trial), tags={
             SWEEP_TAG: self.sweep_id, PARENT_TAG: self.parent_run_id, "trial_id": trial_id,
-            "trial_name": str(trial), LAST_TASK_TAG: "0"})
+            "trial_name": str(trial), LAST_TASK_TAG: "0", **trial_tags(trial.config)})
         run_id = run.info.run_id
         params = [Param(k, v) for k, v in trial_params(trial.config).items()]
         for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):

@@ -17,8 +17,8 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis.status import COMPLETED, ERRORED, is_finite_number, trial_status
 from search_spaces import EXAGGERATION_OFF, SearchSpace
+from tune_bir.sweep.status import COMPLETED, ERRORED, is_finite_number, trial_status
 
 log = logging.getLogger(__name__)
 

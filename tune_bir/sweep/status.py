@@ -1,4 +1,4 @@
-"""Trial status vocabulary and ranking of a sweep's trials (DESIGN.md "The sweep"); no Ray, no MLflow."""
+"""Trial status vocabulary and ranking of a sweep's trials (docs/sweep.md "Trial statuses"); no Ray, no MLflow."""
 
 from __future__ import annotations
 

@@ -1,0 +1,75 @@
+"""`python -m tune_bir.sweep`: plan (or resume) a sweep, run it on Ray, summarise it; or confirm a finished one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tune_bir.sweep.plan import SweepOptions, SweepPlan, build_parser, plan_from_args, resume_folder
+from tune_bir.sweep.run import (
+    check_resources,
+    connect_ray,
+    new_tuner,
+    open_parent_run,
+    prepare_environment,
+    restored_tuner,
+    save_to_sweep,
+    set_parent_status,
+)
+from tune_bir.sweep.storage import SWEEP_FILE
+from tune_bir.sweep.summary import SweepOutcome, print_summary, summarise
+
+
+def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
+    """Validate, run (or resume) a sweep, rank it, and log the summary; raises ConfigError on bad input."""
+    args = build_parser().parse_args(argv)
+    options = SweepOptions.from_namespace(args)
+    if options.confirm:
+        raise ValueError("run_sweep runs a sweep; --confirm is run by tune_bir.sweep.confirm.run_confirmation")
+    prepare_environment()
+    if options.resume:
+        plan = SweepPlan.load(resume_folder(options))
+        connection = options   # where to run it is this call's choice; how, the sweep's own
+    else:
+        plan = plan_from_args(args, argv)
+        connection = plan.options
+    return _run(plan, connection, resumed=options.resume)
+
+
+def _run(plan: SweepPlan, connection: SweepOptions, resumed: bool) -> SweepOutcome:
+    started_ray = connect_ray(connection)
+    try:
+        check_resources(plan.options.cpus_per_trial, plan.options.gpus_per_trial)
+        plan.mlflow = open_parent_run(plan)
+        if resumed:
+            tuner = restored_tuner(plan.folder.location, plan.options)
+        else:
+            save_to_sweep(plan, SWEEP_FILE, json.dumps(plan.to_json(), indent=2))
+            tuner = new_tuner(plan)
+        start = time.monotonic()
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            set_parent_status(plan, "KILLED")
+            raise
+        budget = plan.options.time_budget
+        budget_spent = budget is not None and time.monotonic() - start >= budget
+        return summarise(plan, grid, tuner, budget_spent)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.confirm:
+        from tune_bir.sweep.confirm import print_confirmation, run_confirmation
+
+        outcome = run_confirmation(SweepOptions.from_namespace(args))
+        print_confirmation(outcome)
+        return 130 if outcome.interrupted else 0
+    outcome = run_sweep(argv)
+    print_summary(outcome)
+    return 130 if outcome.interrupted else 0

@@ -1,0 +1,195 @@
+"""What a finished (or interrupted) sweep found: its results table, its best config, its closing summary."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from search_spaces import EXAGGERATION_OFF
+from tune_bir.config import BIRConfig, flag_name
+from tune_bir.sweep.plan import METRIC, PROG, SweepPlan
+from tune_bir.sweep.run import save_to_sweep, search_alg
+from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, status_counts, trial_status
+from tune_bir.sweep.storage import BEST_FILE, RESULTS_FILE, SWEEP_FILE, is_uri
+from tune_bir.train import PROG as TRAIN_PROG
+
+log = logging.getLogger(__name__)
+
+# final metrics kept in a trial's row of results.csv (besides its status, parameters and per-task accuracies)
+ROW_METRICS = ("task", "training_iteration", "time_total_s", "bwt", "forgetting_avg", "iters_done")
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished (or interrupted) sweep produced."""
+
+    plan: SweepPlan
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_values: dict[str, Any] | None
+    interrupted: bool
+    searcher: Any
+    result_grid: Any
+
+    @property
+    def sweep_dir(self) -> str:
+        """The sweep folder: a local path or a storage URI."""
+        return self.plan.folder.location
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.plan.mlflow.tracking_uri
+
+    @property
+    def parent_run_id(self) -> str:
+        return self.plan.mlflow.parent_run_id
+
+
+def trial_rows(grid: Any, plan: SweepPlan) -> tuple[list[dict[str, Any]], bool]:
+    """One row per finished trial (status, parameters, final metrics) and whether some trial is unfinished."""
+    trials = grid._experiment_analysis.trials   # Trial objects carry Tune's status; no public accessor
+    saved = saved_statuses(plan.folder.location)
+    rows, unfinished = [], False
+    for trial in trials:
+        if saved.get(trial.trial_id, trial.status) not in ("TERMINATED", "ERROR"):
+            unfinished = True
+            continue
+        metrics = dict(trial.last_result or {})
+        config = trial.config or {}
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "trial_name": str(trial),
+                               "status": trial_status(metrics, trial.status == "ERROR", plan.n_tasks),
+                               "baseline": bool(config.get("baseline"))}
+        row |= {k: config.get(k) for k in plan.tuned_names}
+        row |= {k: v for k, v in metrics.items() if k in ROW_METRICS or k.startswith(("acc_", "val_"))}
+        row["path"] = trial.path
+        rows.append(row)
+    return rows, unfinished
+
+
+def saved_statuses(location: str) -> dict[str, str]:
+    """Trial statuses in the experiment state Tune saved last.
+
+    After Ctrl+C Tune saves the state (trials still RUNNING, to be resumed) and then stops every trial
+    in memory, so the in-memory statuses no longer tell an interrupted trial from a finished one.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(location).trials}
+    except Exception:   # no readable state: fall back to the in-memory statuses
+        log.warning("could not read the saved experiment state of %s", location, exc_info=True)
+        return {}
+
+
+def best_values(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config as the user would type it: non-default fields only."""
+    values = dict(plan.base_config)
+    if row["baseline"]:
+        values |= EXAGGERATION_OFF
+    else:
+        values |= {k: v for k, v in row.items() if k in plan.tuned_names}
+    defaults = BIRConfig().to_dict()
+    return {k: values[k] for k in BIRConfig.field_names()
+            if k in values and values[k] is not None and values[k] != defaults[k]}
+
+
+def train_command(values: dict[str, Any]) -> str:
+    """A runnable `python -m tune_bir.train` line for a config dict."""
+    parts = TRAIN_PROG.split()
+    for name, value in values.items():
+        flag = flag_name(name)
+        if isinstance(value, bool):
+            if value:
+                parts.append(flag)
+        else:
+            parts.append(f"{flag}={value!r}" if isinstance(value, float) else f"{flag}={value}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
+
+
+def summarise(plan: SweepPlan, grid: Any, tuner: Any, budget_spent: bool) -> SweepOutcome:
+    """Rank the trials, write results.csv and best_config.json, and close the MLflow parent run."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    rows, unfinished = trial_rows(grid, plan)
+    # Ctrl+C stops Tune quietly: trials still running, or fewer trials than asked for within the budget
+    unfinished = unfinished or (len(rows) < plan.options.num_samples and not budget_spent)
+    ranked = rank_trials(rows)
+    best = ranked[0] if ranked else None
+    values = best_values(plan, best) if best else None
+    save_to_sweep(plan, RESULTS_FILE, csv_text(rows))
+    client = MlflowClient(plan.mlflow.tracking_uri)
+    parent_run_id = plan.mlflow.parent_run_id
+    if best is not None:
+        save_to_sweep(plan, BEST_FILE, json.dumps(values, indent=2))
+        baseline = next((r for r in rows if r["baseline"]), None)
+        now = int(dt.datetime.now().timestamp() * 1000)
+        metrics = [Metric(f"best_{k}", float(best[k]), now, 0) for k in (METRIC, "acc_avg")
+                   if is_finite_number(best.get(k))]
+        if baseline and is_finite_number(baseline.get(METRIC)) and baseline["status"] == COMPLETED:
+            metrics.append(Metric(f"baseline_{METRIC}", float(baseline[METRIC]), now, 0))
+        client.log_batch(parent_run_id, metrics=metrics, tags=[
+            RunTag("best_trial_id", best["trial_id"]), RunTag("best_config", json.dumps(values))])
+    client.log_batch(parent_run_id, tags=[RunTag(f"trials_{k}", str(v)) for k, v in status_counts(rows).items()])
+    client.set_terminated(parent_run_id, status="KILLED" if unfinished else "FINISHED")
+    return SweepOutcome(plan=plan, rows=rows, best=best, best_values=values, interrupted=unfinished,
+                        searcher=search_alg(tuner), result_grid=grid)
+
+
+def print_summary(outcome: SweepOutcome) -> None:
+    plan = outcome.plan
+    storage = shlex.quote(plan.folder.root)
+    counts = status_counts(outcome.rows)
+    print()
+    print(f"sweep {plan.name}: {len(outcome.rows)} finished trials ("
+          + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
+    if outcome.interrupted:
+        print(f"the sweep was interrupted; continue it with: {PROG} --resume --name {plan.name} "
+              f"--storage-path {storage}")
+    best = outcome.best
+    if best is None:
+        print(f"no trial trained all {plan.n_tasks} tasks: no best config")
+    else:
+        label = "the baseline (every exaggeration off)" if best["baseline"] else best["trial_name"]
+        print(f"best config: {label}, {METRIC} {best['val_acc_avg']:.4f} (test acc_avg {best['acc_avg']:.4f})")
+        for name in plan.tuned_names:
+            if best.get(name) is not None:
+                print(f"  {name} = {best[name]}")
+        print("  per-task accuracy after the last task (test / validation):")
+        for k in range(1, plan.n_tasks + 1):
+            print(f"    task {k}: {best.get(f'acc_task_{k}', float('nan')):.4f} / "
+                  f"{best.get(f'val_acc_task_{k}', float('nan')):.4f}")
+        baseline = next((r for r in outcome.rows if r["baseline"]), None)
+        if baseline is not None and baseline["status"] == COMPLETED and not best["baseline"]:
+            print(f"  baseline: {METRIC} {baseline['val_acc_avg']:.4f} (test acc_avg {baseline['acc_avg']:.4f})")
+        n_completed = counts[COMPLETED]
+        print(f"this is a single-seed candidate, the best of {n_completed} completed configs on one validation "
+              "split: the maximum of many noisy scores beats the baseline by chance alone. Confirm it on fresh "
+              "seeds (top 3 and the baseline, 8 seeds each, paired test):")
+        print(f"  {PROG} --confirm {shlex.quote(plan.folder.location)}")
+        print("run it alone:")
+        print(f"  {train_command(outcome.best_values)}")
+        best_file = f"{outcome.sweep_dir}/{BEST_FILE}"
+        if is_uri(best_file):
+            print(f"  or: copy {best_file} here and run {TRAIN_PROG} --config {BEST_FILE}")
+        else:
+            print(f"  or: {TRAIN_PROG} --config {shlex.quote(best_file)}")
+    print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
+          f"{outcome.parent_run_id} in experiment '{plan.mlflow.experiment_name}'")
+    print(f"analyse: python -m analysis {shlex.quote(outcome.sweep_dir)}")
+    print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)}")
