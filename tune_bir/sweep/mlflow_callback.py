@@ -2,7 +2,7 @@
 
 Ray's stock `MLflowLoggerCallback` makes one blocking call per metric key (~0.5 s per result on
 sqlite), cannot tell a completed trial from one ASHA stopped, and opens a second run for every
-trial of a resumed sweep (RAY_NOTES.md). `MlflowSweepCallback` runs on the driver, logs each
+trial of a resumed sweep (docs/ray-optuna-mlflow.md "MLflow"). `MlflowSweepCallback` runs on the driver, logs each
 per-task result with ONE `MlflowClient.log_batch`, tags every run with `trial_status`, and finds
 its runs again by the sweep id and the Tune trial id, so a resumed sweep continues them.
 
@@ -47,7 +47,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def result_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The metrics of DESIGN.md in a Tune result (Tune's bookkeeping and worker diagnostics left out)."""
+    """The metrics of a Tune result (docs/sweep.md "Result keys"), Tune's bookkeeping and worker diagnostics
+    left out."""
     return {k: float(v) for k, v in result.items()
             if k not in _SKIP_KEYS and not k.startswith("worker/")
             and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -2,10 +2,10 @@
 
 Stock `OptunaSearch` reports a trial that ASHA stopped early as COMPLETE with its truncated score;
 in class-IL the accuracy after one or two tasks is high, so TPE would chase configs that were
-stopped for being bad (RAY_NOTES.md). Here every result is an intermediate value, a trial that
-trained every task is COMPLETE, one stopped early or diverged is PRUNED (Optuna then ranks it by
-its last intermediate value), and an errored one is FAIL. Each Optuna trial carries the Tune trial
-id and the status in its user attributes.
+stopped for being bad (docs/ray-optuna-mlflow.md "Optuna under Ray Tune"). Here every result is an
+intermediate value, a trial that trained every task is COMPLETE, one stopped early or diverged is
+PRUNED (Optuna then ranks it by its last intermediate value), and an errored one is FAIL. Each Optuna
+trial carries the Tune trial id and the status in its user attributes.
 """
 
 from __future__ import annotations
