@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")   # an unreachable server fails in seconds
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    if not args.no_mlflow and args.out and "://" in args.out:
+        raise ConfigError(f"--out {args.out} is not a local folder: MLflow attaches local files; give a local "
+                          "--out, or add --no-mlflow")
     table, where = _load(args)
     if not args.no_mlflow and "://" in where["out"]:
         raise ConfigError(f"--out {where['out']} is not a local folder: MLflow attaches local files; give a local "
