@@ -109,6 +109,7 @@ def baseline_keeping_asha(**kwargs: Any):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
             if (trial.config or {}).get("baseline") and action == TrialScheduler.STOP and not result.get("done"):
+                self._num_stopped -= 1   # counted as stopped by ASHA, but it goes on
                 return TrialScheduler.CONTINUE
             return action
 
@@ -116,11 +117,13 @@ def baseline_keeping_asha(**kwargs: Any):
 
 
 def progress_reporter(parameter_names: list[str]):
-    """The console's trial table: status, the tuned parameters and PROGRESS_METRICS, best trials first."""
+    """The console's trial table: status, the tuned parameters and PROGRESS_METRICS."""
     from ray.tune import CLIReporter
 
-    return CLIReporter(metric_columns=PROGRESS_METRICS, parameter_columns=parameter_names, metric=METRIC,
-                       mode=MODE, sort_by_metric=True, max_progress_rows=30, max_report_frequency=30)
+    # no metric: its "current best trial" line looks every parameter up in the best trial's config, and the
+    # baseline's config has none of them
+    return CLIReporter(metric_columns=PROGRESS_METRICS, parameter_columns=parameter_names,
+                       max_progress_rows=30, max_report_frequency=30)
 
 
 def run_config(name: str, storage_root: str, callbacks: list, max_failures: int, parameter_names: list[str]):
