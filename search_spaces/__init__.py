@@ -23,25 +23,43 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tune_bir.config import BIRConfig
+from tune_bir.config import BIRConfig, flag_name
 from tune_bir.errors import ConfigError
+from tune_bir.terms import exaggeration_off
 
 SPACES_DIR = Path(__file__).resolve().parent
 NAMED_SPACES = ("repulsion", "recon", "contrastive", "all")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 
+
+
+class _ExaggerationOff(Mapping):
+    """A live view of `tune_bir.terms.exaggeration_off()`: every registered term counts, also one
+    registered after this module was imported."""
+
+    def __getitem__(self, key: str) -> bool:
+        return exaggeration_off()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(exaggeration_off())
+
+    def __len__(self) -> int:
+        return len(exaggeration_off())
+
+    def __repr__(self) -> str:
+        return repr(exaggeration_off())
+
+
 # The baseline of a sweep: its base config with every exaggeration mechanism (and the options that
-# only exist with one of them) off (docs/sweep.md "What a sweep runs").
-EXAGGERATION_OFF: dict[str, Any] = {
-    "repulsion": False, "recon_repulsion": False, "recon_attraction": False, "contrastive": False,
-    "use_rep_f": False, "recon_rep_aver": False, "c_scores": False, "c_hard": False,
-}
+# only exist with one of them) off (docs/sweep.md "What a sweep runs"), derived from the term registry.
+EXAGGERATION_OFF: Mapping[str, bool] = _ExaggerationOff()
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,7 @@ class SearchSpace:
         clash += sorted(k for k, v in self.fixed.items() if k in base and base[k] != v)
         if clash:
             raise ConfigError(f"space {self.name} sets {clash[0]} itself; remove "
-                              f"--{clash[0].replace('_', '-')} from the base config")
+                              f"{flag_name(clash[0])} from the base config")
         try:
             BIRConfig.from_dict({**base, **self.fixed}).resolved()
         except ConfigError as err:

@@ -9,7 +9,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tune_bir.config import BIRConfig
+from tune_bir.config import BIRConfig, flag_name
 from tune_bir.errors import TuneBirError
 
 
@@ -32,7 +32,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
     for f in dataclasses.fields(BIRConfig):
         if f.name in exclude:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         kind = _field_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if kind is bool:

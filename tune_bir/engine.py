@@ -2,8 +2,9 @@
 
 `Engine` is built from one resolved config; `train_segment()` trains up to N iterations of the
 current task (finishing the task runs evaluation, SI consolidation and the previous-model
-snapshot); `evaluate()` returns the metrics of DESIGN.md; `state_dict()` / `load_state_dict()`
-cover everything needed for a bit-identical continuation. No Ray and no MLflow in here.
+snapshot); `evaluate()` returns the metrics of docs/algorithm.md "Evaluation metrics";
+`state_dict()` / `load_state_dict()` cover everything needed for a bit-identical continuation.
+No Ray and no MLflow in here.
 """
 
 from __future__ import annotations
@@ -21,23 +22,17 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from tune_bir import losses
 from tune_bir.config import BIRConfig
-from tune_bir.data import Protocol, load_protocol
+from tune_bir.data import Protocol, Split, load_protocol
 from tune_bir.errors import ConfigError
-from tune_bir.exaggeration import (
-    ContrastiveReplay,
-    ExaggerationTerm,
-    ReplayBatch,
-    ReplayState,
-    build_contrastive,
-    build_terms,
-)
+from tune_bir.exaggeration import ReplayBatch, ReplayState
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, adam, load_conv_layers
 from tune_bir.si import SynapticIntelligence
+from tune_bir.terms import ExaggerationTerm, TermContext, build_terms
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2   # 2: the exaggeration terms' generator
+CHECKPOINT_FORMAT = 3   # 2: the exaggeration terms' generator; 3: every term's state under "terms"
 EVAL_BATCH = 1000
 
 
@@ -59,10 +54,7 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Data in "hidden" space: pixels (MNIST) or frozen conv features (CIFAR), cached once on the device.
-@dataclass
-class TaskTensors:
-    x: torch.Tensor
-    y: torch.Tensor
+TaskTensors = Split   # one task's (x, y); the name trainables.data_cache imports
 
 
 @dataclass
@@ -73,7 +65,7 @@ class HiddenData:
     val: list[TaskTensors]
     test: list[TaskTensors]
     in_shape: tuple[int, ...]
-    image_pixels: int          # P of ALGORITHM.md 3.5 (image pixels, even for feature replay)
+    image_pixels: int          # P: image pixels, even for feature replay (docs/algorithm.md "Variational loss")
     n_classes: int
     classes_per_task: int
 
@@ -101,7 +93,7 @@ def prepare_hidden_data(protocol: Protocol, conv: ConvLayers | None, device: tor
 
 @dataclass
 class VAEPass:
-    """What one pass through a BI-R model gives, per sample (ALGORITHM.md 3.2, 3.5)."""
+    """What one pass through a BI-R model gives, per sample (docs/algorithm.md "The model", "Losses")."""
 
     e: torch.Tensor            # encoder features
     mu: torch.Tensor           # posterior mean
@@ -124,13 +116,62 @@ class Objectives:
     """The losses one training step minimises; each has its own optimiser (None = not this step)."""
 
     main: torch.Tensor                 # the model's objective (SI enters as its gradient)
-    contrastive: torch.Tensor | None   # L_con of the contrastive plugin (5.3)
+    own: tuple[ExaggerationTerm, torch.Tensor] | None   # a term's own objective (unweighted), it steps it
     generator: torch.Tensor | None     # the separate VAE generator's objective (`--replay=generative` alone)
+
+
+class MainStep:
+    """The learner's main optimiser step, written once for every optimisation path (`tune_bir.terms.MainStep`).
+
+    The plain path is `run(total)`; a term with its own optimiser calls the same parts in its `optimise`.
+    """
+
+    def __init__(self, model: BIRModel, optimizer: torch.optim.Optimizer, si: SynapticIntelligence | None,
+                 grad_clip: float, log: Callable[[str, torch.Tensor], None]):
+        self.model, self.optimizer, self.si, self.grad_clip, self._log = model, optimizer, si, grad_clip, log
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def after_backward(self, total: torch.Tensor) -> None:
+        """Add the SI penalty's gradient to .grad, as if the penalty were part of `total`; log both."""
+        if self.si is None:
+            self._log("total", total)
+            return
+        si_loss = self.si.add_penalty_grad_()
+        self._log("si", si_loss)
+        self._log("total", total.detach() + si_loss)
+
+    def step(self) -> None:
+        """Gradient clipping (`--grad-clip`) and the main optimiser's step."""
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+    def consolidation_grads(self) -> dict[str, torch.Tensor] | None:
+        """The gradients SI would read now, by parameter name (None without SI)."""
+        if self.si is None:
+            return None
+        by_id = {id(p): p.grad for p in self.params}
+        return {name: by_id[id(p)] for name, p in self.si.named_params.items()}
+
+    def consolidate(self, grads: dict[str, torch.Tensor] | None = None) -> None:
+        """SI's path integral after the step(s) (section "Synaptic Intelligence")."""
+        if self.si is not None:
+            self.si.after_step(grads)
+
+    def run(self, total: torch.Tensor) -> None:
+        self.zero_grad()
+        total.backward()
+        self.after_backward(total)
+        self.step()
+        self.consolidate()
 
 
 # ---------------------------------------------------------------------------------------------
 class Scenario:
-    """Which output columns are active and what the targets are (ALGORITHM.md 1.3)."""
+    """Which output columns are active and what the targets are (docs/algorithm.md "Scenarios and active classes")."""
 
     def __init__(self, name: str, classes_per_task: int, n_classes: int):
         self.name, self.cpt, self.n_classes = name, classes_per_task, n_classes
@@ -180,16 +221,17 @@ class Engine:
     """BI-R(+SI) learner over a whole protocol; one instance per run (or per Tune trial)."""
 
     def __init__(self, config: BIRConfig, data: HiddenData | None = None, protocol: Protocol | None = None):
-        self.cfg = cfg = config.resolved()
+        self.cfg = cfg = config.resolved()   # free when the caller resolved it already
         self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, self.device)
-        torch.manual_seed(cfg.seed)  # once, at the start of a run: weight init (never inside the loop, F12)
-        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # the random streams of config.SEED_OFFSETS; the global seed once, at the start of a run: weight init
+        # (never inside the loop: difference "seed-once", docs/algorithm.md)
+        torch.manual_seed(cfg.stream_seed("learner"))
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.stream_seed("learner"))
         # the exaggeration terms' own draws (class representatives): switching a term on, or weighting it by
-        # zero, leaves the learner's batches, replay and noise as they are, i.e. the baseline's (seed + 2 and
-        # + 3 are the contrastive plugin's)
-        self.exaggeration_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 4)
-        init_rng = torch.Generator().manual_seed(cfg.seed + 1)   # gate masks and GMM prior (CPU, device-free)
+        # zero, leaves the learner's batches, replay and noise as they are, i.e. the baseline's
+        self.exaggeration_rng = torch.Generator(device=self.device).manual_seed(cfg.stream_seed("exaggeration"))
+        init_rng = torch.Generator().manual_seed(cfg.stream_seed("init"))   # CPU, device-free
         self.conv = self._load_conv(cfg)
         if data is None:
             protocol = protocol or load_protocol(cfg.experiment, data_dir=cfg.data_dir, seed=cfg.seed,
@@ -216,17 +258,19 @@ class Engine:
             gmm_prior=cfg.prior == "GMM", dg_prop=cfg.dg_prop if cfg.dg_gates else 0.0, output=decoder_out),
             init_rng).to(self.device) if generative and not cfg.feedback else None
 
-        self.terms: list[ExaggerationTerm] = build_terms(cfg, self.recon_loss)
-        self.contrastive: ContrastiveReplay | None = build_contrastive(cfg, self)
-        # the main optimiser holds every trainable model parameter (the projection head is not one)
+        # the exaggeration terms the config switches on (tune_bir.terms), in registration order
+        self.terms: list[ExaggerationTerm] = build_terms(
+            cfg, TermContext(model=self.model, conv=self.conv, device=self.device, recon_loss=self.recon_loss))
+        # the main optimiser holds every trainable model parameter (a term's own parameters are not ones)
         self.optimizer = adam(self.model.parameters(), cfg.lr, self.device)
         self.generator_optimizer = adam(
             self.generator_model.parameters(), cfg.lr, self.device) if self.generator_model else None
-        # SI scope: encoder and classifier (ALGORITHM.md 4 / defect O3); the rest keeps omega = 0
+        # SI scope: encoder and classifier; the rest keeps omega = 0 (difference "si-scope", docs/algorithm.md)
         self.si = SynapticIntelligence(
             {f"fcE.{n}": p for n, p in self.model.fcE.named_parameters()}
             | {f"classifier.{n}": p for n, p in self.model.classifier.named_parameters()},
             c=cfg.c, epsilon=cfg.epsilon) if cfg.si else None
+        self.main_step = MainStep(self.model, self.optimizer, self.si, cfg.grad_clip, self._log)
 
         self.previous: BIRModel | None = None            # frozen snapshot M' after the last task
         self.previous_generator: BIRModel | None = None
@@ -258,10 +302,10 @@ class Engine:
         """1-based task being trained (or the last task when done)."""
         return min(self.task + 1, self.n_tasks)
 
-    def _task_train_data(self, t: int) -> TaskTensors:
+    def _task_train_data(self, t: int) -> Split:
         if self.cfg.replay == "offline":  # joint training on everything seen so far
             parts = self.data.train[:t]
-            return TaskTensors(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+            return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
         return self.data.train[t - 1]
 
     # -- the training step ---------------------------------------------------------------------
@@ -307,11 +351,12 @@ class Engine:
         # autocast wraps the forward passes only; backward and the optimisers run outside it
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             objectives = self._objectives(h, y, t)
-        # the SI penalty enters as its gradient, added after backward (self._after_backward)
-        if objectives.contrastive is None:
-            self._optimise(objectives.main)
+        # the SI penalty enters as its gradient, added after backward (MainStep.after_backward)
+        if objectives.own is None:
+            self.main_step.run(objectives.main)
         else:
-            self._optimise_with_contrastive(objectives.main, self.cfg.lamda_contr * objectives.contrastive)
+            term, value = objectives.own
+            term.optimise(objectives.main, term.weight * value, self.main_step)
         if objectives.generator is not None:
             self.generator_optimizer.zero_grad(set_to_none=True)
             objectives.generator.backward()
@@ -325,80 +370,19 @@ class Engine:
         target = self.scenario.targets(y, t)
         rnt = 1.0 / t
         replay = self._replay(h, t) if t > 1 and cfg.replay in ("generative", "current") else None
-        contrastive_loss = generator_loss = None
+        own = generator_loss = None
         if cfg.replay == "generative" and cfg.feedback:
-            total, e_replay = self._feedback_loss(h, y, target, cols, rnt, replay, t)
-            if self.contrastive is not None and replay is not None:
-                view = self.contrastive.second_view(replay[0])
-                if self.contrastive.train:
-                    e_views = torch.cat([e_replay, self.model.encode(view)])
-                    contrastive_loss = self.contrastive.loss(e_views, replay[1])
-                    self._log("contrastive", contrastive_loss)
+            total, own = self._feedback_loss(h, y, target, cols, rnt, replay, t)
         else:
             total = self._classifier_loss(h, target, cols, rnt, replay)
             if self.generator_model is not None:
                 generator_loss = self._generator_loss(h, y, rnt, replay, t)
-        return Objectives(total, contrastive_loss, generator_loss)
-
-    def _optimise(self, total: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self._after_backward(total)
-        self._clip()
-        self.optimizer.step()
-        if self.si is not None:
-            self.si.after_step()
-
-    def _after_backward(self, total: torch.Tensor) -> None:
-        """Add the SI penalty's gradient to .grad, as if the penalty were part of `total`; log both."""
-        if self.si is None:
-            self._log("total", total)
-            return
-        si_loss = self.si.add_penalty_grad_()
-        self._log("si", si_loss)
-        self._log("total", total.detach() + si_loss)
-
-    def _clip(self) -> None:
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-
-    def _optimise_with_contrastive(self, total: torch.Tensor, contrastive_loss: torch.Tensor) -> None:
-        """Main step on L and encoder step on L_con (5.3); SI follows the main objective (section 4)."""
-        main_params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        enc_params = [p for group in self.contrastive.optimizer.param_groups for p in group["params"]]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.contrastive.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.contr_grad_mode == "reference":
-            # the original: fcE's gradient holds grad L + grad L_con and both optimisers step it
-            total.backward(retain_graph=True)  # L_con shares the replay pass through fcE
-            self._after_backward(total)
-            contrastive_loss.backward()
-            self.contrastive.optimizer.step()
-            self._clip()
-            self.optimizer.step()
-            if self.si is not None:
-                self.si.after_step()
-            return
-        main_grads = torch.autograd.grad(total, main_params, allow_unused=True, retain_graph=True)
-        enc_grads = torch.autograd.grad(contrastive_loss, enc_params, allow_unused=True)
-        for p, g in zip(main_params, main_grads, strict=True):
-            p.grad = g
-        self._after_backward(total)
-        self._clip()
-        self.optimizer.step()
-        si_grads = None
-        if self.si is not None:
-            by_id = {id(p): p.grad for p in main_params}
-            si_grads = {name: by_id[id(p)] for name, p in self.si.named_params.items()}
-        for p, g in zip(enc_params, enc_grads, strict=True):
-            p.grad = g
-        self.contrastive.optimizer.step()
-        if self.si is not None:
-            self.si.after_step(si_grads)
+        return Objectives(total, own, generator_loss)
 
     @torch.no_grad()
     def _replay(self, h: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replayed inputs and the previous model's scores over previous classes (ALGORITHM.md 3.6)."""
+        """Replayed inputs and the previous model's scores over previous classes
+        (docs/algorithm.md "Generating replay")."""
         k_prev = self.scenario.cpt * (t - 1)
         if self.cfg.replay == "current":  # LwF: the current inputs, scored by the previous model
             return h, self.previous.predict(h)[:, :k_prev]
@@ -451,10 +435,16 @@ class Engine:
         return losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
                                    class_weights[:, :n_active])
 
-    def _feedback_loss(self, h, y, target, cols, rnt, replay, t) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay-through-feedback: current and replayed samples in ONE pass through the model (3.7)."""
+    def _feedback_loss(self, h, y, target, cols, rnt, replay, t
+                       ) -> tuple[torch.Tensor, tuple[ExaggerationTerm, torch.Tensor] | None]:
+        """Replay-through-feedback: current and replayed samples in ONE pass through the model
+        (docs/algorithm.md "The training step").
+
+        Returns the model's objective and the (term, unweighted objective) of a term that steps itself.
+        """
         cfg, model = self.cfg, self.model
         n_cur, n_active = len(y), cols.stop
+        own, logged_after = None, {}
         inputs, weights = self._with_replay(h, y, replay)
         if replay is not None:
             h_replay, scores = replay
@@ -473,21 +463,28 @@ class Engine:
                       "distillation": self._replay_prediction_loss(logits[rep], scores)}
             loss_replay = terms["recon_replay"] + terms["variational_replay"] + terms["distillation"]
             if self.terms:
-                state = ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None,
-                                           self.exaggeration_rng)
-                batch = ReplayBatch(h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
-                                    recon=model.activate(vae.raw[rep]), state=state, model=model,
-                                    image_pixels=self.data.image_pixels)
+                # the replay-batch state and the reconstruction are made on first use, by the terms that need them
+                batch = ReplayBatch(
+                    h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
+                    recon=lambda: model.activate(vae.raw[rep]), model=model, image_pixels=self.data.image_pixels,
+                    state=lambda: ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None,
+                                                    self.exaggeration_rng))
                 for term in self.terms:
-                    value = term(batch)
-                    terms[term.name] = value
-                    loss_replay = loss_replay + term.weight * value
+                    value = term.replay_loss(batch)
+                    if value is not None:
+                        terms[term.name] = value
+                        loss_replay = loss_replay + term.weight * value
                     for name, stat in term.stats(batch).items():
                         self._log(name, stat)
+                for term in self.terms:
+                    value = term.objective(batch)
+                    if value is not None:
+                        own = term, value
+                        logged_after[term.name] = value
             total = total + (1 - rnt) * loss_replay
-        for name, value in terms.items():
+        for name, value in (terms | logged_after).items():
             self._log(name, value)
-        return total, (vae.e[n_cur:] if replay is not None else None)
+        return total, own
 
     def _classifier_loss(self, h, target, cols, rnt, replay) -> torch.Tensor:
         """Classifier alone (no replay, LwF, joint) or beside a separate generator."""
@@ -519,7 +516,8 @@ class Engine:
 
     # -- end of a task -------------------------------------------------------------------------
     def _end_task(self) -> None:
-        """SI consolidation, previous-model snapshot, next task (ALGORITHM.md 3.7, in this order)."""
+        """SI consolidation, previous-model snapshot, next task, in this order
+        (docs/algorithm.md "The training step")."""
         if self.si is not None:
             self.si.end_task()
         self.previous = _frozen_copy(self.model)
@@ -532,7 +530,8 @@ class Engine:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def scores(self, split: str = "test", seen: int | None = None) -> SplitScores:
-        """Accuracy and mean true-class probability on each task seen so far (ALGORITHM.md 1.4).
+        """Accuracy and mean true-class probability on each task seen so far
+        (docs/algorithm.md "Evaluation metrics").
 
         Predictions are the argmax over the active columns; probabilities are the softmax over them.
         """
@@ -554,7 +553,8 @@ class Engine:
         return SplitScores(accuracy, probability)
 
     def accuracies(self, split: str = "test", seen: int | None = None) -> list[float]:
-        """Accuracy on each task seen so far (argmax over the active columns, ALGORITHM.md 1.4)."""
+        """Accuracy on each task seen so far (argmax over the active columns;
+        docs/algorithm.md "Evaluation metrics")."""
         return self.scores(split, seen).accuracy
 
     @torch.no_grad()
@@ -618,7 +618,7 @@ class Engine:
             "optimizer": self.optimizer.state_dict(),
             "generator_optimizer": sd(self.generator_optimizer),
             "si": None if self.si is None else self.si.state_dict(),
-            "contrastive": None if self.contrastive is None else self.contrastive.state_dict(),
+            "terms": self._terms_state(),
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "rng": {"engine": self.rng.get_state(), "exaggeration": self.exaggeration_rng.get_state(),
                     "torch": torch.get_rng_state(),
@@ -630,7 +630,11 @@ class Engine:
     def load_state_dict(self, state: dict) -> None:
         """Restore a state written by `state_dict()` of an engine with the same config."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}: this code reads format "
+                             f"{CHECKPOINT_FORMAT} only (a learner saved by other code cannot continue here)")
+        missing = sorted(term.name for term in self.terms if term.name not in state["terms"])
+        if missing:
+            raise ValueError(f"the checkpoint holds no state of the exaggeration term(s) {missing} of this config")
         pos = state["position"]
         self.task, self.iter_in_task, self.iters_done = pos["task"], pos["iter_in_task"], pos["iters_done"]
         self.model.load_state_dict(state["model"])
@@ -642,8 +646,8 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.si is not None:
             self.si.load_state_dict(state["si"])
-        if self.contrastive is not None:
-            self.contrastive.load_state_dict(state["contrastive"])
+        for term in self.terms:
+            term.load_state_dict(state["terms"][term.name])
         self.sampler = None
         if state["sampler"] is not None:
             train = self._task_train_data(self.task + 1)
@@ -662,19 +666,22 @@ class Engine:
         """Continue from the end of task 1 as trained by another engine whose config differs only in fields
         that act on replay (`BIRConfig.first_task_fields`): the same learner this one would have become.
 
-        This engine keeps what task 1 never touched and the other engine may lack: its contrastive plugin.
+        This engine keeps what task 1 never touched and the other engine may lack: its exaggeration terms'
+        state (e.g. the contrastive plugin's head, optimiser and generators).
         """
         if (self.task, self.iter_in_task) != (0, 0):
             raise ValueError("adopt_first_task needs an engine that has not trained yet")
         if (state["position"]["task"], state["position"]["iter_in_task"]) != (1, 0):
             raise ValueError("adopt_first_task needs a state saved right at the end of task 1")
-        theirs = BIRConfig.from_dict(state["config"]).first_task_fields()
+        theirs = type(self.cfg).from_dict(state["config"]).first_task_fields()
         ours = self.cfg.first_task_fields()
         differing = sorted(k for k in ours if ours[k] != theirs.get(k))
         if differing:
             raise ValueError(f"task 1 of this config differs from the saved one in {differing}")
-        own_contrastive = None if self.contrastive is None else self.contrastive.state_dict()
-        self.load_state_dict(state | {"contrastive": own_contrastive})
+        self.load_state_dict(state | {"terms": self._terms_state()})
+
+    def _terms_state(self) -> dict[str, dict]:
+        return {term.name: term.state_dict() for term in self.terms}
 
     @staticmethod
     def _snapshot_from(template: BIRModel, state: dict | None) -> BIRModel | None:
@@ -693,7 +700,8 @@ def _frozen_copy(model: nn.Module) -> BIRModel:
 
 
 def accuracy_metrics(row: list[float], history: list[list[float]], prefix: str) -> dict[str, float]:
-    """acc_avg, acc_task_<k>, bwt and forgetting_avg of DESIGN.md from the current row and finished rows."""
+    """acc_avg, acc_task_<k>, bwt and forgetting_avg from the current row and finished rows
+    (docs/algorithm.md "Evaluation metrics")."""
     t = len(row)
     metrics = {f"{prefix}acc_task_{k + 1}": acc for k, acc in enumerate(row)}
     metrics[f"{prefix}acc_avg"] = sum(row) / t

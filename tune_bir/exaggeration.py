@@ -1,14 +1,16 @@
-"""Memory-exaggeration terms on replayed samples (ALGORITHM.md section 5), one small class each.
+"""The built-in memory-exaggeration terms (docs/algorithm.md "Memory exaggeration"), one class each.
 
-Each term has a `name`, a `weight` and one call that takes the step's shared `ReplayBatch` (with its
-`ReplayState`, computed once) and returns a scalar tensor; the engine adds `weight * value` to the
-replay loss and logs the value under `loss/<name>`. Contrastive replay is different in kind (its own
-head and optimiser): `ContrastiveReplay` is a plugin the engine calls around its optimiser step.
+Every term is a registered `tune_bir.terms.ExaggerationTerm`: its class attributes declare its config
+fields, `from_config` builds it, and the engine calls its plugin hooks with the step's shared
+`ReplayBatch` (whose `ReplayState` is computed once, on first use). The additive terms return a scalar
+from `replay_loss` that the engine adds to the replay loss as `weight * value`; contrastive replay has its
+own head and optimiser, so it returns an `objective` and runs the optimiser step itself (`optimise`).
 Everything is vectorised over the batch; invalid anchors are masked, an empty set gives exactly 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +19,12 @@ from torch.nn import functional as F
 
 from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
-from tune_bir.config import BIRConfig
+from tune_bir.config import BIRConfig, check_integer, check_positive
+from tune_bir.errors import ConfigError
 from tune_bir.nets import adam, linear
+from tune_bir.terms import ExaggerationTerm, MainStep, TermContext, register
 
 if TYPE_CHECKING:
-    from tune_bir.engine import Engine
     from tune_bir.model import BIRModel
 
 PROJECTION_SIZE = 100
@@ -35,7 +38,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ReplayState:
-    """Ranking, gates, class groups and validity of one replay batch (ALGORITHM.md 5.0)."""
+    """Ranking, gates, class groups and validity of one replay batch (docs/algorithm.md "Replay-batch state")."""
 
     own: torch.Tensor             # [Br] previous-model top-1 class r^1
     competitors: torch.Tensor     # [Br, J] classes r^2 .. r^(J+1), J = n_rep clamped to K - 1
@@ -52,7 +55,7 @@ class ReplayState:
         own, competitors = top[:, 0], top[:, 1:]
         if rep_f is None:
             gate = torch.ones_like(competitors, dtype=torch.bool)
-        else:  # probabilities at temperature 1 (quirk F27, kept)
+        else:  # probabilities at temperature 1 (difference "rep-f-temperature", docs/algorithm.md)
             p = torch.softmax(scores, dim=1)
             gate = p.gather(1, own[:, None]) < rep_f * p.gather(1, competitors)
         membership = F.one_hot(own, k).T.float()
@@ -77,36 +80,65 @@ class ReplayState:
         return flat.view(-1, *values.shape[1:])
 
 
-@dataclass
 class ReplayBatch:
-    """What the current model made of one replay batch (ALGORITHM.md 5.0)."""
+    """What the current model made of one replay batch (docs/algorithm.md "Replay-batch state").
 
-    h: torch.Tensor              # replayed inputs htil [Br, ...]
-    scores: torch.Tensor         # previous model's logits over previous classes [Br, K]
-    e: torch.Tensor              # current encoder features of htil
-    mu: torch.Tensor             # current posterior mean [Br, Z]
-    logvar: torch.Tensor         # current posterior log-variance [Br, Z]
-    recon: torch.Tensor          # current reconstruction of htil
-    state: ReplayState
-    model: BIRModel
-    image_pixels: int
+    `recon` and `state` may be given as zero-argument callables: they are then computed on first use,
+    once, so a step whose terms need neither (contrastive replay) neither decodes nor ranks.
+    """
+
+    def __init__(self, *, h: torch.Tensor, scores: torch.Tensor, e: torch.Tensor, mu: torch.Tensor,
+                 logvar: torch.Tensor, recon: torch.Tensor | Callable[[], torch.Tensor],
+                 state: ReplayState | Callable[[], ReplayState], model: BIRModel, image_pixels: int):
+        self.h = h                    # replayed inputs htil [Br, ...]
+        self.scores = scores          # previous model's logits over previous classes [Br, K]
+        self.e = e                    # current encoder features of htil
+        self.mu = mu                  # current posterior mean [Br, Z]
+        self.logvar = logvar          # current posterior log-variance [Br, Z]
+        self.model = model
+        self.image_pixels = image_pixels
+        self._recon, self._state = recon, state
+
+    @property
+    def recon(self) -> torch.Tensor:
+        """Current reconstruction of htil."""
+        if callable(self._recon):
+            self._recon = self._recon()
+        return self._recon
+
+    @property
+    def state(self) -> ReplayState:
+        if callable(self._state):
+            self._state = self._state()
+        return self._state
 
 
-class ExaggerationTerm:
-    """A named loss term on a replay batch; the engine adds `weight * term(batch)` to the replay loss."""
-
-    name: str = "term"
-    weight: float = 1.0
+class _AdditiveTerm(ExaggerationTerm):
+    """A term whose value (`term(batch)`) the engine adds to the replay loss as `weight * value`."""
 
     def __call__(self, batch: ReplayBatch) -> torch.Tensor:
         raise NotImplementedError
 
-    def stats(self, batch: ReplayBatch) -> dict[str, torch.Tensor]:
-        """Per-step diagnostics to log (sizes of S, valid anchors), as tensors."""
-        return {}
+    def replay_loss(self, batch: ReplayBatch) -> torch.Tensor:
+        return self(batch)
 
 
-class DistributionRepulsion(ExaggerationTerm):
+class _GatedTerm(_AdditiveTerm):
+    """The repulsion terms share the repulsion-factor gate and the divergence / distance floor."""
+
+    options = ("use_rep_f", "rep_f", "d_min")
+    sub_switches = ("use_rep_f",)
+
+    @classmethod
+    def check(cls, cfg: BIRConfig) -> None:
+        check_positive(cfg, "d_min")
+        if cfg.use_rep_f and cfg.rep_f <= 1:
+            raise ConfigError(f"--rep-f must be > 1 with --use-rep-f (f <= 1 gates out every sample), "
+                              f"got {cfg.rep_f}")
+
+
+@register
+class DistributionRepulsion(_GatedTerm):
     """5.1: mean over anchors of 1 / max(D(q_i || target_i), d_min), for each competing neighbour.
 
     divergence: kl | js (moment-matched, zero iff equal) | js_ref (the original formula);
@@ -114,7 +146,22 @@ class DistributionRepulsion(ExaggerationTerm):
     competing class) | class_mean (moment-matched posterior of the competing class group).
     """
 
-    name = "repulsion"
+    name = switch = "repulsion"
+    weight_field = "lamda_rep"
+    options = ("kl_js", "rep_target", "n_rep", *_GatedTerm.options)
+
+    @classmethod
+    def from_config(cls, cfg: BIRConfig, context: TermContext) -> DistributionRepulsion:
+        return cls(cfg.lamda_rep, cfg.kl_js, cfg.rep_target, cfg.d_min)
+
+    @classmethod
+    def check(cls, cfg: BIRConfig) -> None:
+        super().check(cfg)
+        check_integer(cfg, "n_rep")
+        if cfg.n_rep < 1:
+            raise ConfigError(f"--n-rep must be >= 1, got {cfg.n_rep}")
+        if cfg.rep_target == "prior" and cfg.repulsion and cfg.prior != "GMM":
+            raise ConfigError("--rep-target=prior needs the per-class GMM prior (--brain-inspired)")
 
     def __init__(self, weight: float, divergence: str, target: str, d_min: float):
         self.weight, self.divergence, self.target, self.d_min = weight, losses.DIVERGENCES[divergence], target, d_min
@@ -152,11 +199,17 @@ class DistributionRepulsion(ExaggerationTerm):
         return stats
 
 
-class _ReconTerm(ExaggerationTerm):
+class _ReconTarget:
     """Shared target choice of 5.2: a replayed member of a class (default) or the class mean."""
+
+    averaged: bool
 
     def __init__(self, weight: float, averaged: bool, recon_loss, d_min: float):
         self.weight, self.averaged, self.recon_loss, self.d_min = weight, averaged, recon_loss, d_min
+
+    @classmethod
+    def from_config(cls, cfg: BIRConfig, context: TermContext) -> _ReconTarget:
+        return cls(getattr(cfg, cls.weight_field), cfg.recon_rep_aver, context.recon_loss, cfg.d_min)
 
     def _target(self, batch: ReplayBatch, classes: torch.Tensor) -> torch.Tensor:
         h = batch.h.detach()  # targets are constants; gradients flow through the reconstruction only
@@ -165,10 +218,14 @@ class _ReconTerm(ExaggerationTerm):
         return h[batch.state.representative[classes]]
 
 
-class ReconRepulsion(_ReconTerm):
+@register
+class ReconRepulsion(_ReconTarget, _GatedTerm):
     """5.2: mean over anchors of 1 / max(R(target of the competing class, reconstruction), d_min)."""
 
-    name = "recon_repulsion"
+    name = switch = "recon_repulsion"
+    weight_field = "lamda_recon_rep"
+    options = ("recon_rep_aver", *_GatedTerm.options)
+    sub_switches = ("recon_rep_aver", *_GatedTerm.sub_switches)
 
     def __call__(self, batch: ReplayBatch) -> torch.Tensor:
         if batch.state.competitors.shape[1] == 0:  # a single previous class: nothing to repel from
@@ -182,28 +239,52 @@ class ReconRepulsion(_ReconTerm):
         return {"stats/recon_rep_valid_anchors": anchors[:, :1].sum().float()}
 
 
-class ReconAttraction(_ReconTerm):
+@register
+class ReconAttraction(_ReconTarget, _AdditiveTerm):
     """5.2: mean over ALL replayed samples of R(target of the own class, reconstruction)."""
 
-    name = "recon_attraction"
+    name = switch = "recon_attraction"
+    weight_field = "lamda_recon_atr"
+    options = ("recon_rep_aver",)
+    sub_switches = ("recon_rep_aver",)
 
     def __call__(self, batch: ReplayBatch) -> torch.Tensor:
         return self.recon_loss(self._target(batch, batch.state.own), batch.recon).mean()
 
 
-class ContrastiveReplay:
+@register
+class ContrastiveReplay(ExaggerationTerm):
     """5.3: second views of replayed memories, projection head, SupCon loss and the encoder optimiser.
 
-    With `train=False` (`--not-hidden` alone) the views are built exactly as for contrastive runs but
-    nothing is trained on them: the augmentation-matched baseline.
+    Its objective L_con is optimised by its own optimiser (encoder and head, `--c-lr`); `optimise` runs
+    that step beside the learner's main step, as `--contr-grad-mode` says. With `train=False`
+    (`NotHiddenViews`) the views are built exactly as for contrastive runs but nothing is trained on them.
     """
 
-    name = "contrastive"
+    name = switch = "contrastive"
+    weight_field = "lamda_contr"
+    options = ("c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "contr_grad_mode", "aux_decoder")
+    sub_switches = ("c_scores", "c_hard")
+    train = True
+
+    @classmethod
+    def from_config(cls, cfg: BIRConfig, context: TermContext) -> ContrastiveReplay | None:
+        return cls(cfg, context.model, context.conv, context.device, train=cls.train)
+
+    @classmethod
+    def check(cls, cfg: BIRConfig) -> None:
+        check_positive(cfg, "c_temp")
+        check_positive(cfg, "c_lr", allow_zero=True)
+        if not 0.0 <= cfg.c_drop < 1.0:
+            raise ConfigError(f"--c-drop must be in [0, 1), got {cfg.c_drop}")
+        if cfg.c_scores and cfg.c_hard:
+            raise ConfigError("--c-scores and --c-hard are alternatives; choose one")
 
     def __init__(self, cfg: BIRConfig, model: BIRModel, conv, device: torch.device, train: bool):
         self.cfg, self.model, self.conv, self.train = cfg, model, conv, train
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-        init = torch.Generator().manual_seed(cfg.seed + 3)
+        self.weight = cfg.lamda_contr
+        self.generator = torch.Generator(device=device).manual_seed(cfg.stream_seed("contrastive"))
+        init = torch.Generator().manual_seed(cfg.stream_seed("contrastive_init"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=init)))
             self.head = linear(model.spec.hidden_sizes[-1], PROJECTION_SIZE).to(device)
@@ -213,6 +294,41 @@ class ContrastiveReplay:
 
             self.aux_decoder.load_state_dict(load_aux_decoder(cfg.pretrained_conv, device))
         self.optimizer = adam(list(model.fcE.parameters()) + list(self.head.parameters()), cfg.c_lr, device)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def objective(self, batch: ReplayBatch) -> torch.Tensor | None:
+        """L_con on [v1; v2]: the replayed memories' own features and those of their second views."""
+        view = self.second_view(batch.h)
+        if not self.train:
+            return None
+        e_views = torch.cat([batch.e, batch.model.encode(view)])
+        return self.loss(e_views, batch.scores)
+
+    def optimise(self, main: torch.Tensor, own: torch.Tensor, step: MainStep) -> None:
+        """Main step on L and encoder step on `own` = lamda_contr * L_con; SI follows the main objective
+        (docs/algorithm.md "Supervised contrastive replay")."""
+        step.zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.contr_grad_mode == "reference":
+            # the original: fcE's gradient holds grad L + grad L_con and both optimisers step it
+            main.backward(retain_graph=True)  # L_con shares the replay pass through fcE
+            step.after_backward(main)
+            own.backward()
+            self.optimizer.step()
+            step.step()
+            step.consolidate()
+            return
+        main_grads = torch.autograd.grad(main, step.params, allow_unused=True, retain_graph=True)
+        own_grads = torch.autograd.grad(own, self.params, allow_unused=True)
+        for p, g in zip(step.params, main_grads, strict=True):
+            p.grad = g
+        step.after_backward(main)
+        step.step()
+        si_grads = step.consolidation_grads()
+        for p, g in zip(self.params, own_grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        step.consolidate(si_grads)
 
     @torch.no_grad()
     def second_view(self, h: torch.Tensor) -> torch.Tensor:
@@ -222,7 +338,8 @@ class ContrastiveReplay:
         return self.conv(augment_cifar(self.aux_decoder(h), self.generator))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout (p = c_drop; only called in training, F17) drawing from the plugin's own generator:
+        """Inverted dropout (p = c_drop; only called in training: difference "dropout-train-only",
+        docs/algorithm.md) drawing from the plugin's own generator:
         the engine's results never depend on the process-wide torch RNG."""
         keep = 1.0 - self.cfg.c_drop
         if keep == 1.0:
@@ -256,19 +373,24 @@ class ContrastiveReplay:
             self.aux_decoder.load_state_dict(state["aux_decoder"])
 
 
-def build_terms(cfg: BIRConfig, recon_loss) -> list[ExaggerationTerm]:
-    """The enabled additive exaggeration terms of a config, in a fixed order."""
-    terms: list[ExaggerationTerm] = []
-    if cfg.repulsion:
-        terms.append(DistributionRepulsion(cfg.lamda_rep, cfg.kl_js, cfg.rep_target, cfg.d_min))
-    if cfg.recon_repulsion:
-        terms.append(ReconRepulsion(cfg.lamda_recon_rep, cfg.recon_rep_aver, recon_loss, cfg.d_min))
-    if cfg.recon_attraction:
-        terms.append(ReconAttraction(cfg.lamda_recon_atr, cfg.recon_rep_aver, recon_loss, cfg.d_min))
-    return terms
+@register
+class NotHiddenViews(ContrastiveReplay):
+    """`--not-hidden`: the augmentation-matched baseline of contrastive runs (docs/algorithm.md "Not-hidden
+    baseline"): the second views are built as for contrastive replay, nothing is trained on them. A control,
+    not an exaggeration: a sweep's baseline keeps it; with --contrastive on it adds nothing.
+    """
 
+    name = switch = "not_hidden"
+    weight_field = None
+    options = ("aux_decoder",)
+    sub_switches = ()
+    exaggerates = False
+    train = False
 
-def build_contrastive(cfg: BIRConfig, engine: Engine) -> ContrastiveReplay | None:
-    if not (cfg.contrastive or cfg.not_hidden):
-        return None
-    return ContrastiveReplay(cfg, engine.model, engine.conv, engine.device, train=cfg.contrastive)
+    @classmethod
+    def from_config(cls, cfg: BIRConfig, context: TermContext) -> ContrastiveReplay | None:
+        return None if cfg.contrastive else super().from_config(cfg, context)
+
+    @classmethod
+    def check(cls, cfg: BIRConfig) -> None:
+        """Its options are the contrastive plugin's, checked there."""

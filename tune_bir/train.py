@@ -19,6 +19,7 @@ from tqdm import tqdm
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides, run_main
 from tune_bir.config import BIRConfig
 from tune_bir.record import git_commit, package_versions
+from tune_bir.terms import enabled
 
 PROG = "python -m tune_bir.train"
 
@@ -51,9 +52,7 @@ def method_label(cfg: BIRConfig) -> str:
     else:
         label = "none"
     label += "+SI" if cfg.si else ""
-    extras = [n for n in ("repulsion", "recon_repulsion", "recon_attraction", "contrastive", "not_hidden")
-              if getattr(cfg, n)]
-    return "+".join([label, *extras])
+    return "+".join([label, *(term.name for term in enabled(cfg))])
 
 
 def format_table(acc_history: list[list[float]]) -> str:

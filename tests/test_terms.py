@@ -1,0 +1,183 @@
+"""The exaggeration-term registry: built-in declarations, lists derived from them, a toy term end to end."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+
+import pytest
+import torch
+
+from search_spaces import EXAGGERATION_OFF
+from tune_bir import terms
+from tune_bir.config import BIRConfig
+from tune_bir.engine import Engine
+from tune_bir.errors import ConfigError
+from tune_bir.train import method_label
+
+BIR = dict(experiment="splitMNIST5k", replay="generative", brain_inspired=True, si=True, c=0.1, device="cpu",
+           batch=32, seed=0, iters=3, fc_units=100)
+
+
+# -- the built-in terms ------------------------------------------------------------------------------
+def test_builtin_terms_declare_existing_fields_of_the_right_types():
+    hints = typing.get_type_hints(BIRConfig)
+    defaults = BIRConfig()
+    for term in terms.registered():
+        assert hints[term.switch] is bool and getattr(defaults, term.switch) is False, term.switch
+        if term.weight_field:
+            assert hints[term.weight_field] is float, term.weight_field
+        for name in term.options:
+            assert name in hints, name
+        for name in term.sub_switches:
+            assert hints[name] is bool, name
+
+
+def test_derived_lists_are_the_ones_once_written_by_hand():
+    # the lists that five places of the code kept by hand before the registry, pinned
+    assert terms.switches() == ("repulsion", "recon_repulsion", "recon_attraction", "contrastive", "not_hidden")
+    assert set(terms.replay_only_fields()) == {
+        "repulsion", "lamda_rep", "kl_js", "use_rep_f", "rep_f", "n_rep", "rep_target", "d_min",
+        "recon_repulsion", "lamda_recon_rep", "recon_attraction", "lamda_recon_atr", "recon_rep_aver",
+        "contrastive", "c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "not_hidden", "lamda_contr",
+        "contr_grad_mode", "aux_decoder"}
+    assert dict(EXAGGERATION_OFF) == {
+        "repulsion": False, "recon_repulsion": False, "recon_attraction": False, "contrastive": False,
+        "use_rep_f": False, "recon_rep_aver": False, "c_scores": False, "c_hard": False}
+    label = method_label(BIRConfig(**BIR, repulsion=True, recon_attraction=True, not_hidden=True).resolved())
+    assert label == "BI-R+SI+repulsion+recon_attraction+not_hidden"
+
+
+def test_not_hidden_is_a_control_not_an_exaggeration():
+    cfg = BIRConfig(**BIR, not_hidden=True).resolved()
+    assert not cfg.uses_exaggeration
+    assert [t.name for t in terms.enabled(cfg)] == ["not_hidden"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(use_rep_f=True), "--use-rep-f needs --repulsion or --recon-repulsion"),
+    (dict(recon_rep_aver=True), "--recon-rep-aver needs --recon-repulsion or --recon-attraction"),
+    (dict(c_hard=True), "--c-hard needs --contrastive"),
+    (dict(contrastive=True, c_scores=True, c_hard=True), "alternatives"),
+    (dict(repulsion=True, lamda_rep=-1.0), "--lamda-rep must be >= 0"),
+    (dict(repulsion=True, use_rep_f=True, rep_f=1.0), "--rep-f must be > 1"),
+])
+def test_term_checks_refuse_with_one_line(flags, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        BIRConfig(**BIR, **flags).resolved()
+    assert "\n" not in str(info.value)
+
+
+def test_a_resolved_config_resolves_to_itself_until_changed():
+    cfg = BIRConfig(**BIR).resolved()
+    assert cfg.is_resolved and cfg.resolved() is cfg
+    assert not dataclasses.replace(cfg, seed=4).is_resolved
+    cfg.iters = -1
+    assert not cfg.is_resolved
+    with pytest.raises(ConfigError, match="--iters must be > 0"):
+        cfg.resolved()
+
+
+# -- a toy term, registered by a test: everything derived from the registry sees it ------------------
+@dataclasses.dataclass
+class ToyConfig(BIRConfig):
+    """BIRConfig plus the fields of the toy term (a real term adds them to BIRConfig itself)."""
+
+    toy_pull: bool = False
+    lamda_toy: float = 1.0
+    toy_squared: bool = False
+
+
+class ToyPull(terms.ExaggerationTerm):
+    """Pulls the replayed memories' posterior means towards the origin: mean of |mu| (or of mu^2)."""
+
+    name = switch = "toy_pull"
+    weight_field = "lamda_toy"
+    options = ("toy_squared",)
+    sub_switches = ("toy_squared",)
+
+    def __init__(self, weight: float, squared: bool):
+        self.weight, self.squared = weight, squared
+
+    @classmethod
+    def from_config(cls, cfg, context):
+        return cls(cfg.lamda_toy, cfg.toy_squared)
+
+    def replay_loss(self, batch):
+        return batch.mu.pow(2).mean() if self.squared else batch.mu.abs().mean()
+
+
+@pytest.fixture
+def toy_term():
+    terms.register(ToyPull)
+    yield ToyPull
+    terms.unregister(ToyPull.name)
+
+
+def test_a_registered_term_appears_in_every_derived_list(toy_term):
+    assert terms.registered()[-1] is ToyPull   # after the built-in terms
+    assert EXAGGERATION_OFF["toy_pull"] is False and EXAGGERATION_OFF["toy_squared"] is False
+    assert {"toy_pull", "lamda_toy", "toy_squared"} <= set(terms.replay_only_fields())
+    assert not {"toy_pull", "lamda_toy", "toy_squared"} & set(ToyConfig(**BIR).first_task_fields())
+    with pytest.raises(ConfigError, match="--toy-pull acts on replayed memories"):
+        ToyConfig(experiment="splitMNIST5k", toy_pull=True).resolved()
+    with pytest.raises(ConfigError, match="--toy-squared needs --toy-pull"):
+        ToyConfig(**BIR, toy_squared=True).resolved()
+    with pytest.raises(ConfigError, match="--lamda-toy must be >= 0"):
+        ToyConfig(**BIR, toy_pull=True, lamda_toy=-1.0).resolved()
+    cfg = ToyConfig(**BIR, toy_pull=True).resolved()
+    assert cfg.uses_exaggeration and method_label(cfg) == "BI-R+SI+toy_pull"
+    assert not ToyConfig(**BIR, **EXAGGERATION_OFF).resolved().uses_exaggeration
+
+
+def test_unregistering_leaves_the_builtin_lists():
+    assert "toy_pull" not in EXAGGERATION_OFF and "toy_pull" not in terms.switches()
+
+
+def _trained(cfg: BIRConfig, tasks: int = 2) -> tuple[Engine, dict]:
+    engine = Engine(cfg)
+    for _ in range(tasks):
+        metrics = engine.train_task()
+    return engine, metrics
+
+
+def test_the_engine_applies_a_registered_term_and_a_zero_weight_changes_nothing(toy_term):
+    baseline, _ = _trained(ToyConfig(**BIR))
+    zero, zero_metrics = _trained(ToyConfig(**BIR, toy_pull=True, lamda_toy=0.0))
+    pulled, pulled_metrics = _trained(ToyConfig(**BIR, toy_pull=True, lamda_toy=100.0, toy_squared=True))
+    assert "loss/toy_pull" in zero_metrics and "loss/toy_pull" in pulled_metrics
+    base, zeroed, moved = (e.model.state_dict() for e in (baseline, zero, pulled))
+    assert all(torch.equal(base[k], zeroed[k]) for k in base)
+    assert not all(torch.equal(base[k], moved[k]) for k in base)
+
+
+def test_a_registered_term_changes_the_gradient_of_a_replay_step(toy_term):
+    def step_grads(cfg: BIRConfig) -> dict[str, torch.Tensor]:
+        engine = Engine(cfg)
+        engine.train_task()
+        train = engine.data.train[1]
+        objectives = engine._objectives(train.x[:32], train.y[:32], 2)
+        engine.optimizer.zero_grad(set_to_none=True)
+        objectives.main.backward()
+        return {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+
+    base = step_grads(ToyConfig(**BIR))
+    zero = step_grads(ToyConfig(**BIR, toy_pull=True, lamda_toy=0.0))
+    pulled = step_grads(ToyConfig(**BIR, toy_pull=True, lamda_toy=10.0))
+    assert base.keys() == zero.keys() == pulled.keys()
+    assert all(torch.equal(base[k], zero[k]) for k in base)
+    # the pull acts on the posterior mean (and the encoder below it), not on the classifier's head
+    assert not torch.equal(base["toZ_mean.weight"], pulled["toZ_mean.weight"])
+
+
+def test_a_registered_term_keeps_task_one_shareable(toy_term):
+    flags = dict(BIR, val_fraction=0.1)
+    reference, expected = _trained(ToyConfig(**flags, toy_pull=True, lamda_toy=10.0), tasks=2)
+    baseline = Engine(ToyConfig(**flags))
+    baseline.train_task()
+    adopter = Engine(ToyConfig(**flags, toy_pull=True, lamda_toy=10.0))
+    adopter.adopt_first_task(copy.deepcopy(baseline.state_dict()))
+    got = adopter.train_task()
+    strip = lambda m: {k: v for k, v in m.items() if k != "time_this_step_s"}  # noqa: E731
+    assert strip(got) == strip(expected)
