@@ -12,9 +12,8 @@ for the task a trial diverged in), so both give the same DataFrame for the same 
 A tuned parameter is NaN (None for a choice) where the trial did not sample it: in the baseline
 (it samples nothing: every exaggeration is off) and for a conditional parameter whose `when` does
 not hold. Final metrics are those after the last task a trial reached; a trial that diverged has NaN
-final metrics. `time_total_s` is the training time in seconds: the trainable's own clock
-(`time_this_step_s`) summed over those records (Ray's overhead is not in it; with --segment-iters,
-only each task's last segment is). `trial_status` is one of tune_bir.sweep.status.STATUSES, or `unfinished` for a trial
+final metrics. `time_total_s` is the trial's wall time in seconds at its last record (Tune's clock,
+which the MLflow callback logs too). `trial_status` is one of tune_bir.sweep.status.STATUSES, or `unfinished` for a trial
 of an interrupted sweep that has no recorded status. The sweep's plan (sweep.json) is in `df.attrs`.
 """
 
@@ -36,7 +35,7 @@ ALL_STATUSES = (*STATUSES, UNFINISHED)
 FINAL_METRICS = ("val_acc_avg", "acc_avg", "forgetting_avg", "bwt")
 PER_TASK_METRICS = ("val_acc_avg", "acc_avg")
 # the per-task record keys a row is built from (what the MLflow callback logs at step = task)
-RECORD_KEYS = (*FINAL_METRICS, "time_this_step_s", "iters_done", "task")
+RECORD_KEYS = (*FINAL_METRICS, "time_total_s", "iters_done", "task")
 RESULT_FILE, PARAMS_FILE = "result.json", "params.json"
 PARENT_TAG, SWEEP_TAG, ROLE_TAG = "mlflow.parentRunId", "tune_bir.sweep_id", "tune_bir.role"
 
@@ -105,10 +104,8 @@ def trial_row(*, trial_id: str, trial_name: str, status: str, baseline: bool, pa
                            "baseline": bool(baseline), "tasks_reached": reached}
     row |= typed_params(params, plan, baseline)
     row |= {k: _number(last.get(k)) for k in FINAL_METRICS}
-    # training seconds: Ray's time_total_s never reaches MLflow (the callback skips Tune's own keys), so
-    # both sources sum the trainable's clock over the per-task records
-    times = [_number(r.get("time_this_step_s")) for r in records.values()]
-    row["time_total_s"] = math.fsum(t for t in times if math.isfinite(t)) if times else math.nan
+    # the trial's wall time (Tune's clock, restored trials included) at its last per-task record
+    row["time_total_s"] = _number(last.get("time_total_s"))
     for metric in PER_TASK_METRICS:
         for t in range(1, tasks + 1):
             row[f"{metric}_after_task_{t}"] = _number(records.get(t, {}).get(metric))

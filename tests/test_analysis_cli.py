@@ -77,7 +77,8 @@ def make_sweep(root: Path, name: str = "fake", trials: dict | None = None, statu
                               "time_total_s": elapsed + 0.5, "trial_id": trial_id})
         if diverged:
             lines.append({"task": len(val), "iters_done": ITERS * len(val) + 3, "val_acc_avg": math.nan,
-                          "acc_avg": math.nan, "time_this_step_s": 0.5, "diverged": True, "trial_id": trial_id})
+                          "acc_avg": math.nan, "time_this_step_s": 0.5, "time_total_s": elapsed + 1.0,
+                          "diverged": True, "trial_id": trial_id})
         (trial / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
         rows.append({"trial_id": trial_id, "trial_name": trial.name, "status": status, "baseline": baseline})
     if statuses:
@@ -107,7 +108,8 @@ def test_load_sweep_applies_the_table_rules(tmp_path):
     # per-task values come from the records that end a task (segments inside a task are skipped)
     assert list(table.loc["t1", [f"val_acc_avg_after_task_{t}" for t in (1, 2, 3)]]) == [0.99, 0.62, 0.45]
     assert table.loc["t1", "acc_avg_after_task_3"] == pytest.approx(0.44)
-    assert table.loc["t1", "time_total_s"] == 3.0 and table.loc["t5", "time_total_s"] == 1.5
+    # wall time (Tune's clock) at the last record: 6 segments of 1 s after a 0.5 s start; 2 + the diverged one
+    assert table.loc["t1", "time_total_s"] == 6.5 and table.loc["t5", "time_total_s"] == 3.0
     assert table.attrs["plan"]["name"] == "fake"
 
 

@@ -34,8 +34,10 @@ SWEEP_TAG = "tune_bir.sweep_id"
 ROLE_TAG = "tune_bir.role"
 LAST_TASK_TAG = "tune_bir.last_task"
 PARENT_TAG = "mlflow.parentRunId"
-_SKIP_KEYS = set(AUTO_RESULT_KEYS) | {"done", "diverged", "trial_id", "experiment_id", "experiment_tag",
-                                      "should_checkpoint"}
+# Tune's own bookkeeping is left out, except the trial's wall time so far (time_total_s), which MLflow
+# readers need (analysis.load_mlflow) and which is Tune's to measure
+_SKIP_KEYS = (set(AUTO_RESULT_KEYS) - {"time_total_s"}) | {"done", "diverged", "trial_id", "experiment_id",
+                                                           "experiment_tag", "should_checkpoint"}
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED_EARLY: "FINISHED"}   # diverged / errored -> FAILED
 _MAX_PARAMS_PER_BATCH = 100
 
