@@ -13,8 +13,9 @@ A tuned parameter is NaN (None for a choice) where the trial did not sample it: 
 (it samples nothing: every exaggeration is off) and for a conditional parameter whose `when` does
 not hold. Final metrics are those after the last task a trial reached; a trial that diverged has NaN
 final metrics. `time_total_s` is the trial's wall time in seconds at its last record (Tune's clock,
-which the MLflow callback logs too). `trial_status` is one of tune_bir.sweep.status.STATUSES, or `unfinished` for a trial
-of an interrupted sweep that has no recorded status. The sweep's plan (sweep.json) is in `df.attrs`.
+which the MLflow callback logs too). `trial_status` is one of tune_bir.sweep.status.STATUSES, or
+`unfinished` for a trial of an interrupted sweep that has no recorded status. The sweep's plan
+(sweep.json) is in `df.attrs`.
 """
 
 from __future__ import annotations
