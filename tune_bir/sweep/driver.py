@@ -6,6 +6,7 @@ import json
 import time
 
 from tune_bir.sweep.plan import SweepOptions, SweepPlan, build_parser, plan_from_args, resume_folder
+from tune_bir.sweep.preflight import check_mlflow
 from tune_bir.sweep.run import (
     check_resources,
     connect_ray,
@@ -18,6 +19,7 @@ from tune_bir.sweep.run import (
 )
 from tune_bir.sweep.storage import SWEEP_FILE
 from tune_bir.sweep.summary import SweepOutcome, print_summary, summarise
+from tune_bir.tracking import default_tracking_uri
 
 
 def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
@@ -31,8 +33,10 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
         plan = SweepPlan.load(resume_folder(options))
         connection = options   # where to run it is this call's choice; how, the sweep's own
     else:
-        plan = plan_from_args(args, argv)
+        plan = plan_from_args(args, argv)   # the storage path is probed there
         connection = plan.options
+    # nothing exists yet: probe MLflow now, the Ray address in connect_ray, before Ray starts
+    check_mlflow(plan.mlflow.tracking_uri if plan.mlflow else default_tracking_uri(plan.options.mlflow_uri))
     return _run(plan, connection, resumed=options.resume)
 
 

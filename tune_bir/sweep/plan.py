@@ -23,6 +23,7 @@ from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrid
 from tune_bir.config import RUN_OUTPUT_FIELDS, BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
+from tune_bir.sweep.preflight import check_storage
 from tune_bir.sweep.status import SELECTION_METRIC
 from tune_bir.sweep.storage import SWEEP_FILE, SweepFolder
 
@@ -62,6 +63,7 @@ class SweepOptions:
     time_budget: float | None = None
     max_failures: int = 2
     address: str | None = None
+    dashboard: bool = False
     num_cpus: int | None = None
     storage_path: str = "./ray_results"
     name: str | None = None
@@ -140,6 +142,9 @@ def build_parser() -> OneLineArgumentParser:
     s.add_argument("--max-failures", type=int, default=d.max_failures,
                    help=f"restore a failed trial from its last checkpoint up to N times (default: {d.max_failures})")
     s.add_argument("--address", default=d.address, help="Ray cluster to join (e.g. auto); default: start Ray here")
+    s.add_argument("--dashboard", action="store_true", default=d.dashboard,
+                   help="start the Ray dashboard of a local Ray, bound to 127.0.0.1 (default: off; a cluster's "
+                        "dashboard is its head's)")
     s.add_argument("--num-cpus", type=int, default=d.num_cpus, help="CPUs of a local Ray (default: all)")
     s.add_argument("--storage-path", default=d.storage_path,
                    help=f"where sweeps are stored, shared by every node of a cluster (default: {d.storage_path})")
@@ -318,6 +323,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
     name = options.name or f"{space.name}-{resolved.experiment}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     options.name = name
     folder = SweepFolder.at(options.storage_path, name)
+    check_storage(options.storage_path)   # bounded: an unreachable storage URI would hang the next call
     if folder.exists(SWEEP_FILE):
         raise ConfigError(f"sweep folder {folder} exists: add --resume to continue it, or choose another --name")
     return SweepPlan(name=name, folder=folder, space=space, base_config=user_base, trial_base=trial_base,
@@ -327,6 +333,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
 
 def resume_folder(options: SweepOptions) -> SweepFolder:
     """The sweep `--resume` continues: --name under --storage-path, else the latest one there."""
+    check_storage(options.storage_path)
     if options.name:
         folder = SweepFolder.at(options.storage_path, options.name)
         if not folder.exists(SWEEP_FILE):

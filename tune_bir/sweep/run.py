@@ -8,6 +8,7 @@ from typing import Any
 
 from tune_bir.errors import ConfigError
 from tune_bir.sweep.plan import METRIC, MODE, MlflowLocation, SweepOptions, SweepPlan
+from tune_bir.sweep.preflight import check_ray_address
 from tune_bir.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,23 @@ def connect_ray(options: SweepOptions) -> bool:
 
     if ray.is_initialized():
         return False
-    if options.address:
-        ray.init(address=options.address)
-    else:
-        ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False)
+    ray.init(**ray_init_kwargs(options))
     return True
+
+
+def ray_init_kwargs(options: SweepOptions) -> dict[str, Any]:
+    """What `connect_ray` passes to `ray.init`: the cluster to join (probed first), or a local Ray whose
+    dashboard is off unless --dashboard asks for it, and then listens on 127.0.0.1 only."""
+    if options.address:
+        if options.dashboard:
+            raise ConfigError("--dashboard starts the dashboard of a local Ray; a cluster's dashboard is its head's "
+                              "(ray dashboard CLUSTER.yaml, or kubectl port-forward): drop --dashboard or --address")
+        check_ray_address(options.address)
+        return {"address": options.address}
+    kwargs: dict[str, Any] = {"num_cpus": options.num_cpus or os.cpu_count(), "include_dashboard": options.dashboard}
+    if options.dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
+    return kwargs
 
 
 def check_resources(cpus: float, gpus: float) -> None:

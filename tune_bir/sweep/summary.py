@@ -192,4 +192,4 @@ def print_summary(outcome: SweepOutcome) -> None:
     print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
           f"{outcome.parent_run_id} in experiment '{plan.mlflow.experiment_name}'")
     print(f"analyse: python -m analysis {shlex.quote(outcome.sweep_dir)}")
-    print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)}")
+    print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)} --host 127.0.0.1")
