@@ -51,7 +51,7 @@ class MemorySampler:
 
     def __init__(self, root: psutil.Process):
         self.root = root
-        self.peak_driver = self.peak_total = self.peak_workers = self.peak_one_worker = 0
+        self.peak_driver = self.peak_total = self.peak_workers = self.peak_one_worker = self.peak_pss = 0
         self.peak_processes = 0
         self.worker_pids: set[int] = set()
         self.seen: set[int] = set()
@@ -59,6 +59,7 @@ class MemorySampler:
     def sample(self) -> None:
         try:
             driver = self.root.memory_info().rss
+            pss = _pss(self.root)
             children = self.root.children(recursive=True)
         except psutil.Error:
             return
@@ -67,6 +68,7 @@ class MemorySampler:
             try:
                 rss, name = child.memory_info().rss, child.name()
                 cmd = " ".join(child.cmdline()[:1])
+                pss += _pss(child)
             except psutil.Error:
                 continue
             self.seen.add(child.pid)
@@ -77,8 +79,17 @@ class MemorySampler:
                 self.peak_one_worker = max(self.peak_one_worker, rss)
         self.peak_driver = max(self.peak_driver, driver)
         self.peak_total = max(self.peak_total, total)
+        self.peak_pss = max(self.peak_pss, pss)
         self.peak_workers = max(self.peak_workers, workers)
         self.peak_processes = max(self.peak_processes, len(children) + 1)
+
+
+def _pss(proc: psutil.Process) -> int:
+    """Proportional set size (shared pages split among their users; Linux), else RSS."""
+    try:
+        return proc.memory_full_info().pss
+    except (AttributeError, psutil.AccessDenied):
+        return proc.memory_info().rss
 
 
 def session_processes(session_id: int) -> list[psutil.Process]:
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time: {wall:.1f} s ({wall / max(args.trials, 1):.2f} s per trial)")
     print(f"peak RSS: driver {sampler.peak_driver / MB:.0f} MB, driver + every process it started "
           f"{sampler.peak_total / MB:.0f} MB, Ray workers together {sampler.peak_workers / MB:.0f} MB, "
-          f"one worker {sampler.peak_one_worker / MB:.0f} MB")
+          f"one worker {sampler.peak_one_worker / MB:.0f} MB (RSS counts shared pages, e.g. torch's libraries, once "
+          f"per process); peak PSS of them all {sampler.peak_pss / MB:.0f} MB (shared pages split)")
     print(f"processes: at most {sampler.peak_processes} at once, {len(sampler.worker_pids)} distinct Ray workers, "
           f"{left} left running after the driver exited (stopped)")
     print(f"results.csv: {len(rows)} rows ({', '.join(f'{v} {k}' for k, v in sorted(statuses.items()))}); "
