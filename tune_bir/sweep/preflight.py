@@ -4,7 +4,8 @@ Unreachable services make the libraries hang instead of failing: `ray.init(addre
 GCS that is not there for minutes, MLflow's REST client retries a server for minutes, and pyarrow's S3
 client waits on an endpoint that accepts a connection but never answers. The sweep therefore probes,
 in this order, the storage path, the MLflow tracking URI and the Ray address, each with a short
-timeout, and only then starts Ray, opens the MLflow parent run and writes the sweep folder. A failed probe is one line naming the address and the fix.
+timeout, and only then starts Ray, opens the MLflow parent run and writes the sweep folder. A failed
+probe is one line naming the address and the fix.
 """
 
 from __future__ import annotations
