@@ -1,4 +1,6 @@
-"""One dataclass with every flag of a run, the per-protocol defaults, and validation.
+"""One dataclass with every flag of a run, the protocol table, the seed streams, and validation.
+
+The exaggeration terms' fields are declared by the term classes (`tune_bir.terms`), which also check them.
 
 Field names are the snake_case of the original research code's CLI flags
 (docs/algorithm.md "Defaults per protocol"); the same names are used by the CLI, JSON config files,

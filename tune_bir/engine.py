@@ -4,7 +4,8 @@
 current task (finishing the task runs evaluation, SI consolidation and the previous-model
 snapshot); `evaluate()` returns the metrics of docs/algorithm.md "Evaluation metrics";
 `state_dict()` / `load_state_dict()` cover everything needed for a bit-identical continuation.
-No Ray and no MLflow in here.
+The exaggeration terms are plugins (`tune_bir.terms`): the engine calls their hooks on every replay
+step and knows none of them by name. No Ray and no MLflow in here.
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Data in "hidden" space: pixels (MNIST) or frozen conv features (CIFAR), cached once on the device.
-TaskTensors = Split   # one task's (x, y); the name trainables.data_cache imports
+TaskTensors = Split   # the old name of one task's (x, y), still imported by trainables.data_cache
 
 
 @dataclass
 class HiddenData:
     """Per-task train / val / test inputs in the space the fc network sees, on one device."""
 
-    train: list[TaskTensors]
-    val: list[TaskTensors]
-    test: list[TaskTensors]
+    train: list[Split]
+    val: list[Split]
+    test: list[Split]
     in_shape: tuple[int, ...]
     image_pixels: int          # P: image pixels, even for feature replay (docs/algorithm.md "Variational loss")
     n_classes: int
@@ -83,7 +84,7 @@ def _through_conv(conv: ConvLayers | None, x: torch.Tensor, device: torch.device
 def prepare_hidden_data(protocol: Protocol, conv: ConvLayers | None, device: torch.device) -> HiddenData:
     """Move a protocol onto the device, through the frozen conv layers when there are any."""
     def convert(splits):
-        return [TaskTensors(_through_conv(conv, s.x, device), s.y.to(device)) for s in splits]
+        return [Split(_through_conv(conv, s.x, device), s.y.to(device)) for s in splits]
 
     in_shape = ConvLayers.out_shape if conv is not None else tuple(protocol.image_shape)
     return HiddenData(convert(protocol.train), convert(protocol.val), convert(protocol.test),
