@@ -30,8 +30,9 @@ from typing import Any
 
 import yaml
 
-from tune_bir.config import BIRConfig, flag_name
+from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
+from tune_bir.fields import flag_name
 from tune_bir.terms import exaggeration_off
 
 SPACES_DIR = Path(__file__).resolve().parent

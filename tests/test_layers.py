@@ -1,7 +1,8 @@
 """The layers of docs/architecture.md hold: no import cycle, and every import points down (or sideways).
 
-Every `import` statement counts, at module level or inside a function, `TYPE_CHECKING` blocks included:
-a lazy import is still a dependency, only a later one.
+Every `import` statement that can run counts, at module level or inside a function: a lazy import is
+still a dependency, only a later one. Imports under `if TYPE_CHECKING:` never run; they name types for
+readers and type checkers, so they are left out (a type named in an annotation is no coupling at run time).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def imported_names(name: str, path: Path) -> set[str]:
     """Every module name an import statement of the file names (relative imports resolved)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _runnable_nodes(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -53,6 +54,24 @@ def imported_names(name: str, path: Path) -> set[str]:
             names.add(base)
             names |= {f"{base}.{alias.name}" for alias in node.names}   # `from pkg import module`
     return names
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runnable_nodes(tree: ast.AST):
+    """Every node of the tree except those under `if TYPE_CHECKING:` (their `else:` branch is kept)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if _is_type_checking(node):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
 
 
 def layer(module: str) -> int:
@@ -104,6 +123,8 @@ def test_the_checks_see_what_they_check():
     assert "trainables.bir" in graph["tune_bir.sweep.run"]          # a lazy import, inside a function
     assert layer("tune_bir.sweep.run") == 3 and layer("tune_bir.engine") == CORE_LAYER
     assert layer("tune_bir.train") == 1
+    hinted = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ray\nimport torch\n")
+    assert {n.names[0].name for n in _runnable_nodes(hinted) if isinstance(n, ast.Import)} == {"torch"}
     cyclic = {"a": {"b"}, "b": {"a"}}
     with pytest.raises(graphlib.CycleError):
         graphlib.TopologicalSorter(cyclic).prepare()

@@ -9,8 +9,9 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tune_bir.config import BIRConfig, flag_name
+from tune_bir.config import BIRConfig
 from tune_bir.errors import TuneBirError
+from tune_bir.fields import flag_name
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tune_bir.errors import ConfigError
+from tune_bir.fields import check_integer, check_positive, field_name, flag_name  # noqa: F401 (re-exported)
 
 SCENARIOS = ("class", "task", "domain")
 REPLAY_MODES = ("none", "generative", "current", "offline")
@@ -78,16 +78,6 @@ OUTPUT_FIELDS = (*RUN_OUTPUT_FIELDS, "apply_mask", "segment_iters")
 # SI strength when --c is omitted: the SI-alone values of the reference, by (protocol family, scenario).
 SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "domain"): 0.1,
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}
-
-
-def flag_name(name: str) -> str:
-    """The command-line flag of a config field: `lamda_rep` -> `--lamda-rep` (the original code's spelling)."""
-    return "--" + name.replace("_", "-")
-
-
-def field_name(flag: str) -> str:
-    """The config field of a command-line flag: `--lamda-rep` -> `lamda_rep` (inverse of `flag_name`)."""
-    return flag.removeprefix("--").replace("-", "_")
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -285,24 +275,6 @@ def validate_choices(cfg: BIRConfig) -> None:
         value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
             raise ConfigError(f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def check_positive(cfg: BIRConfig, *names: str, allow_zero: bool = False) -> None:
-    """Each named field is a finite number > 0 (>= 0 with allow_zero)."""
-    for name in names:
-        value = getattr(cfg, name)
-        bad = value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
-        if bad:
-            rule = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{flag_name(name)} must be {rule}, got {value}")
-
-
-def check_integer(cfg: BIRConfig, *names: str) -> None:
-    """Each named field is an int (not a bool)."""
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{flag_name(name)} must be an integer, got {value!r}")
 
 
 def check_protocol(experiment: str, tasks: Any, val_fraction: float) -> ProtocolSpec:

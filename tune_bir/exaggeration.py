@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
-from tune_bir.config import BIRConfig, check_integer, check_positive
+from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
+from tune_bir.fields import check_integer, check_positive
 from tune_bir.nets import adam, linear
 from tune_bir.terms import ExaggerationTerm, MainStep, TermContext, register
 

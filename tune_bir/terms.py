@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from tune_bir.config import check_positive, flag_name
 from tune_bir.errors import ConfigError
+from tune_bir.fields import check_positive, flag_name
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from search_spaces import EXAGGERATION_OFF
-from tune_bir.config import BIRConfig, flag_name
+from tune_bir.config import BIRConfig
+from tune_bir.fields import flag_name
 from tune_bir.sweep.plan import METRIC, PROG, SweepPlan
 from tune_bir.sweep.run import save_to_sweep, search_alg
 from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, status_counts, trial_status
