@@ -20,7 +20,8 @@ from filelock import FileLock
 import tune_bir.data
 from trainables.node_cache import cache_dir, cache_key, fingerprint, save_atomically
 from tune_bir.config import BIRConfig
-from tune_bir.engine import HiddenData, TaskTensors, prepare_hidden_data
+from tune_bir.data import Split
+from tune_bir.engine import HiddenData, prepare_hidden_data
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _build(cfg: BIRConfig, device: torch.device) -> HiddenData:
 
 
 def _to_payload(data: HiddenData) -> dict:
-    def splits(tasks: list[TaskTensors]) -> list[list[torch.Tensor]]:
+    def splits(tasks: list[Split]) -> list[list[torch.Tensor]]:
         return [[t.x.detach().cpu().contiguous(), t.y.detach().cpu().contiguous()] for t in tasks]
 
     return {"format": CACHE_FORMAT, "train": splits(data.train), "val": splits(data.val),
@@ -94,8 +95,8 @@ def _to_payload(data: HiddenData) -> dict:
 
 
 def _from_payload(payload: dict, device: torch.device) -> HiddenData:
-    def splits(items: list[list[torch.Tensor]]) -> list[TaskTensors]:
-        return [TaskTensors(x.to(device), y.to(device)) for x, y in items]
+    def splits(items: list[list[torch.Tensor]]) -> list[Split]:
+        return [Split(x.to(device), y.to(device)) for x, y in items]
 
     return HiddenData(splits(payload["train"]), splits(payload["val"]), splits(payload["test"]),
                       tuple(payload["in_shape"]), int(payload["image_pixels"]), int(payload["n_classes"]),

@@ -55,7 +55,6 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Data in "hidden" space: pixels (MNIST) or frozen conv features (CIFAR), cached once on the device.
-TaskTensors = Split   # the old name of one task's (x, y), still imported by trainables.data_cache
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from trainables.bir import TRIAL_OPTIONS, split_config
+from tune_bir.config import BIRConfig
 from tune_bir.sweep.plan import MlflowLocation
 from tune_bir.sweep.status import COMPLETED, ERRORED, STOPPED_EARLY, trial_status
 
@@ -62,10 +63,10 @@ def trial_tags(config: dict[str, Any]) -> dict[str, str]:
     return {k[2:]: str(v) for k, v in config.items() if k.startswith("__") and not k.startswith("___")}
 
 
-def trial_params(config: dict[str, Any]) -> dict[str, str]:
+def trial_params(resolved: BIRConfig, config: dict[str, Any]) -> dict[str, str]:
     """MLflow params of a trial: every resolved config field plus the trial options."""
-    cfg, options = split_config(config)
-    values = cfg.resolved().to_dict() | {k: options[k] for k in TRIAL_OPTIONS}
+    options = split_config(config)[1]
+    values = resolved.to_dict() | {k: options[k] for k in TRIAL_OPTIONS}
     return {k: str(v) for k, v in values.items()}
 
 
@@ -82,12 +83,12 @@ class MlflowSweepCallback(Callback):
         self._runs: dict[str, str] = {}          # Tune trial id -> MLflow run id
         self._last_task: dict[str, int] = {}     # Tune trial id -> last task logged
         self._ended: set[str] = set()
-        self._iters: dict[str, int] = {}         # Tune trial id -> iterations per task
+        self._resolved: dict[str, BIRConfig] = {}   # Tune trial id -> its resolved config (once per trial)
 
     # the client and the caches are rebuilt after Tune unpickles the callback on --resume
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _last_task={}, _ended=set(), _iters={})
+        state.update(_client=None, _runs={}, _last_task={}, _ended=set(), _resolved={})
         return state
 
     @property
@@ -117,6 +118,11 @@ class MlflowSweepCallback(Callback):
     def setup(self, **info: Any) -> None:
         _ = self.client
 
+    def resolved(self, trial: Any) -> BIRConfig:
+        if trial.trial_id not in self._resolved:
+            self._resolved[trial.trial_id] = split_config(trial.config)[0].resolved()
+        return self._resolved[trial.trial_id]
+
     def _run_id(self, trial: Any) -> str:
         client = self.client
         trial_id = trial.trial_id
@@ -129,7 +135,7 @@ class MlflowSweepCallback(Callback):
             SWEEP_TAG: self.sweep_id, PARENT_TAG: self.parent_run_id, "trial_id": trial_id,
             "trial_name": str(trial), LAST_TASK_TAG: "0", **trial_tags(trial.config)})
         run_id = run.info.run_id
-        params = [Param(k, v) for k, v in trial_params(trial.config).items()]
+        params = [Param(k, v) for k, v in trial_params(self.resolved(trial), trial.config).items()]
         for i in range(0, len(params), _MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=params[i:i + _MAX_PARAMS_PER_BATCH])
         self._runs[trial_id] = run_id
@@ -141,9 +147,7 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         task = int(result.get("task", 0))
-        if trial.trial_id not in self._iters:
-            self._iters[trial.trial_id] = split_config(trial.config)[0].resolved().iters
-        ends_task = result.get("iters_done", -1) == task * self._iters[trial.trial_id]
+        ends_task = result.get("iters_done", -1) == task * self.resolved(trial).iters
         if ends_task:
             step = task
         elif result.get("diverged"):

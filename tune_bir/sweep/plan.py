@@ -22,6 +22,7 @@ from search_spaces import EXAGGERATION_OFF, NAMED_SPACES, SearchSpace, load_spac
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides
 from tune_bir.config import RUN_OUTPUT_FIELDS, BIRConfig
 from tune_bir.errors import ConfigError
+from tune_bir.fields import flag_name
 from tune_bir.record import git_commit, package_versions
 from tune_bir.sweep.preflight import check_storage
 from tune_bir.sweep.status import SELECTION_METRIC
@@ -158,8 +159,8 @@ def build_parser() -> OneLineArgumentParser:
     s.add_argument("--config", metavar="FILE", help="JSON object of base config fields; flags override it")
     for name, value in SWEEP_BASE.items():
         if value is True:
-            s.add_argument(f"--no-{name.replace('_', '-')}", dest=f"no_{name}", action="store_true",
-                           help=f"sweep without --{name.replace('_', '-')} (on by default in sweeps)")
+            s.add_argument(flag_name(f"no_{name}"), dest=f"no_{name}", action="store_true",
+                           help=f"sweep without {flag_name(name)} (on by default in sweeps)")
     c = parser.add_argument_group("confirmation of a finished sweep (--confirm)")
     c.add_argument("--confirm", metavar="SWEEP", default=d.confirm,
                    help="re-run the top configs of the finished sweep SWEEP (<storage-path>/<name>) and its baseline "
