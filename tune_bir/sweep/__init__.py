@@ -1,4 +1,4 @@
-"""The sweep driver, the top layer of tune_bir: `python -m tune_bir.sweep` (docs/architecture.md).
+"""The sweep driver, the top layer of tune_bir: `python -m tune_bir.sweep` (docs/architecture.md "Sweep driver").
 
 Optuna (TPE) proposes configs of a search space, ASHA stops the weak ones early on `val_acc_avg`,
 trials spread over the CPUs/GPUs of this machine or a Ray cluster, and every trial is logged to
@@ -6,6 +6,7 @@ MLflow; `--confirm` re-runs a finished sweep's best configs and its baseline on 
 
   plan.py             the command line, `SweepOptions` and the typed `SweepPlan` (sweep.json)
   storage.py          the sweep folder, local or a storage URI
+  preflight.py        bounded-time checks of storage, MLflow and the Ray address before anything starts
   run.py              Ray connection, resources, the MLflow parent run, the Tuner
   search.py           Optuna under Tune, told which trials were stopped early
   mlflow_callback.py  one MLflow run per trial, one batched call per result
