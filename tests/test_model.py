@@ -107,7 +107,7 @@ def test_conv_file_that_is_not_a_matching_state_dict_is_a_clear_error(tmp_path):
         load_conv_layers(wrong, torch.device("cpu"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ConfigError, match="not a torch state dict"):
+    with pytest.raises(ConfigError, match="cannot be loaded: it is not a file torch.save wrote"):
         load_conv_layers(garbage, torch.device("cpu"))
     with pytest.raises(ConfigError, match="tune_bir.pretrain"):
         load_conv_layers(tmp_path / "missing.pt", torch.device("cpu"))

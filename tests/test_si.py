@@ -149,7 +149,7 @@ def test_state_dict_round_trip_continues_bit_identically():
     buffer.seek(0)
     restored_theta = nn.Parameter(theta.detach().clone())
     restored = SynapticIntelligence({"theta": restored_theta}, c=0.5)
-    restored.load_state_dict(torch.load(buffer))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
 
     for param, method in ((theta, si), (restored_theta, restored)):
         _sgd_task(param, method, target2, steps=50, with_penalty=True)

@@ -26,9 +26,11 @@ from ray import tune
 
 import tune_bir.data
 from trainables import data_cache, first_task_cache
-from tune_bir.config import BIRConfig
+from tune_bir.config import OUTPUT_FIELDS, BIRConfig
+from tune_bir.engine import CHECKPOINT_FORMAT as ENGINE_CHECKPOINT_FORMAT
 from tune_bir.engine import Engine, resolve_device
 from tune_bir.errors import ConfigError
+from tune_bir.safe_load import load_torch_file
 
 # What ASHA ranks trials by at a rung: val_acc_avg with its ties broken (see TIE_BREAK_WEIGHT below);
 # every result carries it, the sweep driver reads the name from here.
@@ -181,10 +183,57 @@ class BIRTrainable(tune.Trainable):
                    Path(checkpoint_dir) / CHECKPOINT_FILE)
 
     def load_checkpoint(self, checkpoint: str | dict | None) -> None:
+        """Restore every engine from `learner.pt`; a file that is not this trial's checkpoint (truncated,
+        corrupt, foreign, another format, another config) is refused with one line (ConfigError)."""
         path = Path(checkpoint) / CHECKPOINT_FILE
-        state = torch.load(path, map_location=self.engines[0].device, weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT or len(state["engines"]) != len(self.engines):
-            raise ValueError(f"checkpoint {path} does not fit this trial ({len(self.engines)} seed(s))")
-        for engine, engine_state in zip(self.engines, state["engines"], strict=True):
-            engine.load_state_dict(engine_state)
+        state = load_torch_file(path, "trial checkpoint", map_location=self.engines[0].device, verify=True)
+        for engine, engine_state in zip(self.engines, _checked_engine_states(state, path, self.engines),
+                                        strict=True):
+            try:
+                engine.load_state_dict(engine_state)
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+                detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"trial checkpoint {path} does not fit this trial's learner: {detail}") from err
         self.diverged = bool(state["diverged"])
+
+
+# fields a restored trial may have changed: where results go, how steps are cut, which device it runs on
+RESTORE_MAY_DIFFER = (*OUTPUT_FIELDS, "device")
+
+
+def _checked_engine_states(state: Any, path: Path, engines: list[Engine]) -> list[dict]:
+    """The engine states of a loaded `learner.pt`, after checking its format, seeds and configs."""
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(f"trial checkpoint {path} cannot be restored: {reason}")
+
+    if not isinstance(state, dict) or "format" not in state:
+        raise refuse("it is a torch file but not a trial checkpoint (no format number)")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise refuse(f"it has format {state['format']!r}; this code reads format {CHECKPOINT_FORMAT} only")
+    states = state.get("engines")
+    if not isinstance(states, list) or not all(isinstance(s, dict) for s in states) or "diverged" not in state:
+        raise refuse("its content is incomplete (no list of engine states, or no divergence flag)")
+    if len(states) != len(engines):
+        raise refuse(f"it holds {len(states)} seed(s), this trial trains {len(engines)}")
+    for engine, engine_state in zip(engines, states, strict=True):
+        if engine_state.get("format") != ENGINE_CHECKPOINT_FORMAT:
+            raise refuse(f"its learner has format {engine_state.get('format')!r}; this code reads format "
+                         f"{ENGINE_CHECKPOINT_FORMAT} only (a learner saved by other code cannot continue)")
+        saved = engine_state.get("config")
+        ours = engine.cfg.to_dict()
+        if not isinstance(saved, dict):
+            raise refuse("its learner holds no config")
+        differing = sorted(k for k in set(ours) | set(saved)
+                           if k not in RESTORE_MAY_DIFFER and ours.get(k, _MISSING) != saved.get(k, _MISSING))
+        if differing:
+            shown = ", ".join(f"{k}={_shown(saved, k)} (here {_shown(ours, k)})" for k in differing[:3])
+            more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+            raise refuse(f"it was written by another config: {shown}{more}")
+    return states
+
+
+_MISSING = object()
+
+
+def _shown(config: dict, key: str) -> str:
+    return repr(config[key]) if key in config else "<absent>"

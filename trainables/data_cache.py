@@ -2,7 +2,7 @@
 
 The first trial on a node loads the protocol (and runs the frozen conv layers over it, for CIFAR)
 under a file lock and writes the result to a node-local cache file; every later trial process
-memory-maps that file (`torch.load(mmap=True)`: the pages are shared through the OS page cache),
+memory-maps that file (`torch.load(mmap=True, weights_only=True)`: the pages are shared through the OS page cache),
 and a reused trial actor takes the tensors from this process's memo without touching the disk.
 """
 
@@ -18,10 +18,12 @@ import torch
 from filelock import FileLock
 
 import tune_bir.data
-from trainables.node_cache import cache_dir, cache_key, fingerprint, save_atomically
+from trainables.node_cache import cache_dir, cache_key, content_digest, fingerprint, save_atomically
 from tune_bir.config import BIRConfig
 from tune_bir.data import Split
 from tune_bir.engine import HiddenData, prepare_hidden_data
+from tune_bir.errors import ConfigError
+from tune_bir.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,7 @@ def data_key(cfg: BIRConfig) -> str:
              "data_dir": str(Path(cfg.data_dir).expanduser().resolve()), "seed": cfg.seed, "tasks": cfg.tasks,
              "val_fraction": cfg.val_fraction}
     if cfg.protocol_family == "CIFAR":
-        conv = Path(cfg.pretrained_conv).expanduser().resolve()
-        stat = conv.stat() if conv.exists() else None
-        parts["conv"] = [str(conv), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+        parts["conv"] = content_digest(cfg.pretrained_conv)   # by content: the same file elsewhere serves too
     return cache_key(parts)
 
 
@@ -60,8 +60,8 @@ def hidden_data(cfg: BIRConfig, device: torch.device) -> HiddenData:
     folder = cache_dir()
     path = folder / f"{cfg.experiment}-{key}.pt"
     with FileLock(str(path) + ".lock"):
-        if path.exists():
-            data = _from_payload(torch.load(path, mmap=True, map_location="cpu", weights_only=True), device)
+        data = _map(path, device) if path.exists() else None
+        if data is not None:
             STATS["mapped"] += 1
         else:
             data = _build(cfg, device)
@@ -72,6 +72,15 @@ def hidden_data(cfg: BIRConfig, device: torch.device) -> HiddenData:
     while len(_memo) > _MEMO_SIZE:
         _memo.popitem(last=False)
     return data
+
+
+def _map(path: Path, device: torch.device) -> HiddenData | None:
+    """The cached tensors, memory-mapped; None (rebuild) when the file is damaged or not ours."""
+    try:
+        return _from_payload(load_torch_file(path, "data cache", map_location="cpu", mmap=True), device)
+    except (ConfigError, KeyError, TypeError, IndexError, AttributeError) as err:
+        log.warning("rebuilding unreadable data cache %s: %s", path, err)
+        return None
 
 
 def _build(cfg: BIRConfig, device: torch.device) -> HiddenData:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 import tune_bir
-from trainables.node_cache import cache_dir, cache_key, fingerprint, save_atomically
+from trainables.node_cache import cache_dir, cache_key, content_digest, fingerprint, save_atomically
 from tune_bir.engine import Engine
+from tune_bir.errors import ConfigError
+from tune_bir.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,13 @@ def _code_fingerprint() -> str:
 
 
 def first_task_key(engine: Engine) -> str:
-    """Everything task 1 depends on: the first-task config fields, the device and the code."""
+    """Everything task 1 depends on: the first-task config fields, the device, the code and, for a protocol
+    seen through the frozen conv layers, the CONTENT of their file (re-running `pretrain` to the same path
+    gives other features, so another task-1 learner)."""
     parts = {"format": CACHE_FORMAT, "code": _code_fingerprint(), "device": str(engine.device),
              "config": engine.cfg.first_task_fields()}
+    if engine.conv is not None:
+        parts["conv"] = content_digest(engine.cfg.pretrained_conv)
     return cache_key(parts)
 
 
@@ -53,10 +59,10 @@ def _read(path: Path, device: torch.device) -> dict | None:
     if not path.exists():
         return None
     try:
-        cached = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        cached = load_torch_file(path, "first-task cache", map_location=device, verify=True)
+    except (OSError, ConfigError) as err:
         # damaged (e.g. a node that died while writing without the atomic rename): train instead
-        log.warning("ignoring unreadable first-task cache %s: %s", path, err)
+        log.warning("ignoring unreadable first-task cache: %s", err)
         return None
     return cached if isinstance(cached, dict) and cached.get("format") == CACHE_FORMAT else None
 

@@ -34,6 +34,28 @@ def fingerprint(*sources: bytes) -> str:
     return digest.hexdigest()[:16]
 
 
+# (resolved path, size, mtime_ns) -> sha256 of the content: a file is hashed once per process and version
+_content_digests: dict[tuple[str, int, int], str] = {}
+
+
+def content_digest(path: str | Path) -> str | None:
+    """sha256 of a file's bytes (None when there is no such file), computed once per process for each
+    (path, size, modification time): a cache keyed by it misses when the file is rewritten in place."""
+    path = Path(path).expanduser().resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _content_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _content_digests[memo] = digest.hexdigest()
+    return _content_digests[memo]
+
+
 def cache_key(parts: dict[str, Any]) -> str:
     """Short digest of everything a cached object depends on (JSON-able values; others by str)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

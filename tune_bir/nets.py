@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tune_bir.errors import ConfigError
+from tune_bir.safe_load import load_torch_file
 
 
 def init_uniform_(layer: nn.Linear) -> nn.Linear:
@@ -111,13 +112,10 @@ def load_conv_layers(path: str | Path, device: torch.device) -> ConvLayers:
     if not path.is_file():
         raise ConfigError(f"pre-trained conv layers not found at {path}: run `python -m tune_bir.pretrain "
                           f"--experiment CIFAR10` or pass --pretrained-conv PATH")
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"{path} is not a torch state dict of conv layers: {type(err).__name__}") from err
+    blob = load_torch_file(path, "pre-trained conv layers", map_location=device, verify=True)
     state = blob.get("state", blob) if isinstance(blob, dict) else None
     conv = ConvLayers()
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} does not hold a state dict of the conv layers C3-5x16-bn")
     expected = conv.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -139,8 +137,9 @@ def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
 def load_aux_decoder(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
     """State of the auxiliary decoder that `pretrain --aux-decoder` trained and stored beside the conv layers."""
     path = Path(path).expanduser().resolve()
-    blob = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(blob, dict) or "aux_decoder" not in blob:
+    blob = load_torch_file(path, "auxiliary decoder (pre-trained conv layers file)", map_location=device,
+                           verify=True)
+    if not isinstance(blob, dict) or not isinstance(blob.get("aux_decoder"), dict):
         raise ConfigError(f"{path} holds no trained auxiliary decoder: run `python -m tune_bir.pretrain "
                           f"--experiment CIFAR10 --aux-decoder` or use --aux-decoder random")
     return blob["aux_decoder"]
