@@ -138,3 +138,18 @@ def test_confirmation_runs_are_mlflow_children_of_the_sweep_and_it_resumes_witho
     assert len(sweep_helpers.child_runs(sweep.plan.to_json())) == 10         # no run duplicated
     assert load_sweep_plan(str(folder)).options == sweep.plan.options
     assert SweepOptions().top_k == 3 and SweepOptions().seeds == 8
+
+
+def test_a_sweep_without_a_completed_config_has_nothing_to_confirm(tmp_path):
+    plan = plan_from_args(build_parser().parse_args(["--name", "s", "--storage-path", str(tmp_path)]))
+    data = plan.to_json() | {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "experiment_id": "1",
+                                        "experiment_name": "x", "parent_run_id": "p"}}
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(data))
+    (tmp_path / "s" / "results.csv").write_text("trial_id,status,baseline,val_acc_avg\n"
+                                                "a,completed,True,0.8\nb,stopped_early,False,0.9\n")
+    out = subprocess.run([sys.executable, "-m", "tune_bir.sweep", "--confirm", str(tmp_path / "s")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "no completed trial besides the baseline" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "s" / "confirm").exists()
+    assert not (tmp_path / "m.db").exists()
