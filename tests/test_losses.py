@@ -275,6 +275,79 @@ def test_inverse_divergence_is_finite_for_identical_gaussians(name):
         torch.testing.assert_close(inv, torch.full((3,), 1e3))
 
 
+def _unguarded_kl(mu_a, lv_a, mu_b, lv_b):
+    """The KL formula without the guards: the case the guards exist for must break it."""
+    log_ratio = lv_a - lv_b
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio + (mu_b - mu_a).square() * torch.exp(-lv_b)).sum(-1)
+
+
+def _unguarded_js(mu_a, lv_a, mu_b, lv_b, var_scale=0.5, mean_gap_scale=0.25):
+    """The JS formulas (js; js_ref with var_scale=0.25, mean_gap_scale=0) without the guards."""
+    def kl_to_midpoint(log_ratio, sq_diff, lv):
+        return 0.5 * (torch.expm1(-log_ratio) + log_ratio + 0.25 * sq_diff * torch.exp(-lv - log_ratio))
+
+    sq_diff = (mu_a - mu_b).square()
+    ratio_a = torch.log(var_scale * (1.0 + torch.exp(lv_b - lv_a)) + mean_gap_scale * sq_diff * torch.exp(-lv_a))
+    ratio_b = torch.log(var_scale * (1.0 + torch.exp(lv_a - lv_b)) + mean_gap_scale * sq_diff * torch.exp(-lv_b))
+    return (0.5 * (kl_to_midpoint(ratio_a, sq_diff, lv_a) + kl_to_midpoint(ratio_b, sq_diff, lv_b))).sum(-1)
+
+
+UNGUARDED = {"kl": _unguarded_kl, "js": _unguarded_js,
+             "js_ref": lambda *args: _unguarded_js(*args, var_scale=0.25, mean_gap_scale=0.0)}
+
+
+def _posteriors_from_parameters(logvar_bias: float) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """A layer (the parameters) and its finite posterior (mu, logvar) [4, 6] with log-variances near logvar_bias."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 12)
+    with torch.no_grad():
+        layer.bias[6:] = logvar_bias
+    mu, lv = layer(torch.randn(4, 3)).split(6, dim=1)
+    assert torch.isfinite(mu).all() and torch.isfinite(lv).all()
+    return layer, mu, lv
+
+
+@pytest.mark.parametrize("name", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("logvar_bias", [-100.0, 100.0, -1e4])
+@pytest.mark.parametrize("target", ["same_mean", "other_mean", "huge_mean_gap"])
+def test_gradient_of_inverse_divergence_stays_finite_for_extreme_finite_posteriors(name, logvar_bias, target):
+    # exp(-logvar) overflows float32 at logvar < -88.7: unguarded, the value is inf (or NaN where the means
+    # agree) and the backward multiplies 0 by inf, so NaN reaches the parameters whatever inverse_clamped does
+    layer, mu, lv = _posteriors_from_parameters(logvar_bias)
+    shift = {"same_mean": 0.0, "other_mean": 1.0, "huge_mean_gap": 1e20}[target]
+    mu_t, lv_t = mu.detach() + shift, lv.detach().flip(0)
+    d = losses.DIVERGENCES[name](mu[:, None], lv[:, None], mu_t[None, :2], lv_t[None, :2])
+    (1e8 * losses.inverse_clamped(d, 1e-3)).sum().backward()   # the largest weight the repulsion space searches
+    assert not torch.isnan(d).any()
+    for param in layer.parameters():
+        assert torch.isfinite(param.grad).all(), (name, logvar_bias, target)
+
+
+def test_the_unguarded_formula_does_send_nan_into_the_gradient_there():
+    layer, mu, lv = _posteriors_from_parameters(-100.0)
+    d = _unguarded_kl(mu[:, None], lv[:, None], mu.detach()[None, :2], lv.detach()[None, :2])
+    losses.inverse_clamped(d, 1e-3).sum().backward()
+    assert not torch.isfinite(d).all() and torch.isnan(layer.bias.grad).any()
+
+
+@pytest.mark.parametrize("name", DIVERGENCE_NAMES)
+@pytest.mark.parametrize("targets", ["broadcast", "per_anchor"])
+def test_divergence_guards_change_nothing_inside_their_bounds(name, targets):
+    # the bounds are far outside any working posterior: values AND gradients equal the unguarded ones bit for
+    # bit (the golden runs depend on it; the order of autograd's gradient sums follows the order of the ops)
+    mu_a, lv_a, mu_b, lv_b = (t.float().mul(8).requires_grad_() for t in _gaussians(16, 32, seed=21))
+    assert lv_a.abs().max() < losses.LOGVAR_BOUND and lv_b.abs().max() < losses.LOGVAR_BOUND
+    pairs = ((mu_a[:, None], lv_a[:, None], mu_b[None, :3], lv_b[None, :3]) if targets == "broadcast" else
+             (mu_a[:, None], lv_a[:, None], torch.stack([mu_b, mu_b.flip(0)], 1), torch.stack([lv_b, lv_a], 1)))
+    results = []
+    for divergence in (losses.DIVERGENCES[name], UNGUARDED[name]):
+        d = divergence(*pairs)
+        results.append((d, torch.autograd.grad(losses.inverse_clamped(d, 1e-3).sum(), (mu_a, lv_a, mu_b, lv_b))))
+    (d, grads), (d_ref, ref_grads) = results
+    assert torch.equal(d, d_ref)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
 def test_inverse_clamped_floors_small_negative_and_nan_distances():
     d = torch.tensor([2.0, 1e-6, 0.0, -1.0, float("nan"), float("inf")], requires_grad=True)
     inv = losses.inverse_clamped(d, 1e-3)

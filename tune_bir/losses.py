@@ -133,29 +133,56 @@ def distillation_loss(logits: Tensor, target_logits: Tensor, temperature: float)
 # ----------------------------------------------------------------------------------------------------
 # Divergences between diagonal Gaussians, summed over the last dim; all broadcast
 # (docs/algorithm.md "Distribution repulsion")
+#
+# Finite inputs give a finite divergence AND a finite gradient (difference "divergence-guards",
+# docs/algorithm.md): an overflow inside (exp(-lv) of a log-variance near -100) would make the value inf
+# and its backward 0 * inf = NaN, which no guard after the divergence (`inverse_clamped`) can stop.
+# Log-variances count as clamped to +-LOGVAR_BOUND (exp(2 * 40) = 5.5e34 is still a float32), and every
+# per-dim mean-gap term is capped at MEAN_TERM_CAP (a divergence that large has an inverse of 0 anyway);
+# a capped or clamped entry passes no gradient. Inside the bounds the numbers are exactly the unguarded ones.
+LOGVAR_BOUND = 40.0
+MEAN_TERM_CAP = 1e30
+
+
+def _guard_logvar(lv: Tensor) -> Tensor:
+    return lv.clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+
+
+def _squared_gap(mu_a: Tensor, mu_b: Tensor) -> Tensor:
+    """(mu_a - mu_b)^2, inf (|gap| > 1.8e19 in float32) replaced by the largest finite value."""
+    sq = (mu_a - mu_b).square()
+    return sq.clamp_max(torch.finfo(sq.dtype).max)
 
 
 def kl_diag_gauss(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor) -> Tensor:
     """KL(a || b) between diagonal Gaussians, summed over the last dim
     (docs/algorithm.md "Distribution repulsion")."""
+    lv_a, lv_b = _guard_logvar(lv_a), _guard_logvar(lv_b)
     log_ratio = lv_a - lv_b
     # expm1(r) - r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
-    return 0.5 * (torch.expm1(log_ratio) - log_ratio + (mu_b - mu_a).square() * torch.exp(-lv_b)).sum(-1)
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio
+                  + (_squared_gap(mu_b, mu_a) * torch.exp(-lv_b)).clamp_max(MEAN_TERM_CAP)).sum(-1)
 
 
 def _kl_to_midpoint(log_ratio: Tensor, sq_diff: Tensor, lv: Tensor) -> Tensor:
     """Per-dim KL(x || m) with mean_m = mean of the two means and log_ratio = lv_m - lv_x."""
     # expm1(-r) + r is exactly 0 at r = 0: identical inputs give exactly 0 instead of rounding noise
-    return 0.5 * (torch.expm1(-log_ratio) + log_ratio + 0.25 * sq_diff * torch.exp(-lv - log_ratio))
+    return 0.5 * (torch.expm1(-log_ratio) + log_ratio
+                  + (0.25 * sq_diff * torch.exp(-lv - log_ratio)).clamp_max(MEAN_TERM_CAP))
 
 
 def _js_with_midpoint(mu_a: Tensor, lv_a: Tensor, mu_b: Tensor, lv_b: Tensor, var_scale: float,
                       mean_gap_scale: float) -> Tensor:
     """0.5*(KL(a||m) + KL(b||m)) with var_m = var_scale*(var_a + var_b) + mean_gap_scale*(mu_a - mu_b)^2."""
-    sq_diff = (mu_a - mu_b).square()
-    # lv_m - lv_a computed relative to var_a, so that it is exactly log(1) = 0 when a == b
-    ratio_a = torch.log(var_scale * (1.0 + torch.exp(lv_b - lv_a)) + mean_gap_scale * sq_diff * torch.exp(-lv_a))
-    ratio_b = torch.log(var_scale * (1.0 + torch.exp(lv_a - lv_b)) + mean_gap_scale * sq_diff * torch.exp(-lv_b))
+    lv_a, lv_b = _guard_logvar(lv_a), _guard_logvar(lv_b)
+    sq_diff = _squared_gap(mu_a, mu_b)
+    # lv_m - lv_a computed relative to var_a, so that it is exactly log(1) = 0 when a == b. Every op in the
+    # order of the unguarded formula: autograd sums a tensor's gradients in an order that follows the order
+    # the ops were created in, and the gradients must stay bit-identical to it
+    ratio_a = torch.log(var_scale * (1.0 + torch.exp(lv_b - lv_a))
+                        + (mean_gap_scale * sq_diff * torch.exp(-lv_a)).clamp_max(MEAN_TERM_CAP))
+    ratio_b = torch.log(var_scale * (1.0 + torch.exp(lv_a - lv_b))
+                        + (mean_gap_scale * sq_diff * torch.exp(-lv_b)).clamp_max(MEAN_TERM_CAP))
     per_dim = 0.5 * (_kl_to_midpoint(ratio_a, sq_diff, lv_a) + _kl_to_midpoint(ratio_b, sq_diff, lv_b))
     return per_dim.sum(-1)
 
@@ -176,7 +203,8 @@ DIVERGENCES = {"kl": kl_diag_gauss, "js": js_diag_gauss, "js_ref": js_ref_diag_g
 
 
 def inverse_clamped(d: Tensor, d_min: float) -> Tensor:
-    """1 / max(d, d_min) elementwise; NaN distances count as d_min and pass no gradient
+    """1 / max(d, d_min) elementwise; NaN distances count as d_min and pass no gradient to `d` (what made
+    `d` must keep its own backward finite: the divergences above do, difference "divergence-guards")
     (difference "d-min-clamp", docs/algorithm.md)."""
     d = torch.where(torch.isnan(d), torch.full_like(d, d_min), d)
     return d.clamp_min(d_min).reciprocal()
