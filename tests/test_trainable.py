@@ -146,6 +146,25 @@ def test_a_diverging_config_ends_its_trial_as_diverged():
     assert 0.0 < result["time_this_step_s"] <= result["time_this_iter_s"]
 
 
+def test_an_exploding_inverse_term_ends_its_trial_as_diverged_and_a_sane_trial_beside_it_stays_finite():
+    # repulsion acts from task 2 on: a weight past float32's range makes the weighted inverse term inf there,
+    # the gradient non-finite and the weights NaN; 1e8 is the top of the searched range (Adam normalises
+    # its size, and the divergences keep its gradient finite: difference "divergence-guards")
+    exploding = BIRTrainable(config=dict(BASE, iters=4, repulsion=True, lamda_rep=1e39, kl_js="kl"))
+    sane = BIRTrainable(config=dict(BASE, iters=4, repulsion=True, lamda_rep=1e8, kl_js="kl"))
+    exploded = exploding.train()
+    assert "diverged" not in exploded and exploded["task"] == 1            # task 1: no replay, nothing to repel
+    exploded = exploding.train()
+    assert exploded["diverged"] is True and exploded["done"] is True and exploded["task"] == 2
+    assert not all(torch.isfinite(p).all() for p in exploding.engines[0].model.parameters())
+    results = []
+    while not results or not results[-1]["done"]:
+        results.append(sane.train())
+        assert all(torch.isfinite(p).all() for p in sane.engines[0].model.parameters()), results[-1]["task"]
+    assert [r["task"] for r in results] == [1, 2, 3, 4, 5] and not any("diverged" in r for r in results)
+    assert all(math.isfinite(r["acc_avg"]) and math.isfinite(r["loss/repulsion"]) for r in results[1:])
+
+
 def test_the_scheduler_metric_is_val_acc_avg_with_ties_broken_by_the_true_class_probability():
     config = dict(BASE, iters=3)
     result = BIRTrainable(config=config).train()
