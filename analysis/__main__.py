@@ -55,7 +55,11 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def _check_store(tracking_uri: str) -> None:
-    """A sqlite store must exist (MLflow would create an empty one and find nothing)."""
+    """A sqlite store must exist (MLflow would create an empty one and find nothing); a server must answer
+    (MLflow's client would retry it for a long while)."""
+    from tune_bir.tracking import check_mlflow
+
+    check_mlflow(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri[len("sqlite:///"):])
         if not path.is_absolute():
@@ -165,7 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow and "://" in where["out"]:
         raise ConfigError(f"--out {where['out']} is not a local folder: MLflow attaches local files; give a local "
                           "--out, or add --no-mlflow")
+    if "://" not in where["out"] and Path(where["out"]).expanduser().exists() and not Path(
+            where["out"]).expanduser().is_dir():
+        raise ConfigError(f"--out {where['out']} is a file, not a folder; give a folder for the report (--out DIR)")
     confirmation, confirm_note = _confirmation(where["confirm"])
+    if confirmation is not None:
+        from analysis.stats import confirmation_table
+
+        try:   # checked before anything is written
+            confirmation_table(confirmation.results)
+        except ValueError as err:
+            raise ConfigError(f"{where['confirm']}: {err}; continue the confirmation (python -m tune_bir.sweep "
+                              f"--confirm {where['sweep_ref']} --resume) or move the confirm folder away") from err
     try:
         import pandas as pd
 

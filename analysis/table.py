@@ -200,14 +200,38 @@ def open_sweep(location: str) -> tuple[SweepFolder, dict[str, Any]]:
     if kind == pyarrow.fs.FileType.NotFound:
         raise ConfigError(f"sweep folder {folder} does not exist; give the folder a sweep wrote "
                           "(<storage-path>/<name>, e.g. ray_results/NAME)")
+    if kind != pyarrow.fs.FileType.Directory:
+        raise ConfigError(f"{folder} is a file, not a sweep folder; give the folder a sweep wrote "
+                          "(<storage-path>/<name>, e.g. ray_results/NAME)")
     if not folder.exists(SWEEP_FILE):
         raise ConfigError(f"{folder} is not a sweep folder (no {SWEEP_FILE}); give the folder a sweep wrote "
                           "(<storage-path>/<name>)")
     try:
         plan = json.loads(folder.read_text(SWEEP_FILE))
-    except (OSError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{folder}/{SWEEP_FILE} is not valid JSON ({err.msg}, line {err.lineno}): the sweep folder "
+                          "is damaged; give the folder of a sweep that tune_bir.sweep wrote") from err
+    except OSError as err:
         raise ConfigError(f"cannot read {folder}/{SWEEP_FILE}: {err}") from err
+    missing = _missing_plan_keys(plan)
+    if missing:
+        raise ConfigError(f"{folder}/{SWEEP_FILE} is not one tune_bir.sweep wrote (it lacks {missing}); give the "
+                          "folder of a sweep that tune_bir.sweep wrote")
     return folder, plan
+
+
+def _missing_plan_keys(plan: Any) -> str | None:
+    """The first key of sweep.json the table needs and `plan` lacks (None when it has them all)."""
+    needed = {"name": (), "space": ("name", "params"), "resolved_base_config": ("tasks", "iters")}
+    if not isinstance(plan, dict):
+        return "a JSON object"
+    for key, inner in needed.items():
+        if key not in plan:
+            return repr(key)
+        for sub in inner:
+            if not isinstance(plan[key], dict) or sub not in plan[key]:
+                return f"{key}.{sub}"
+    return None
 
 
 def load_sweep(location: str) -> pd.DataFrame:

@@ -162,6 +162,8 @@ def load_space(name_or_path: str) -> SearchSpace:
     if name_or_path in NAMED_SPACES:
         return _load_file(SPACES_DIR / f"{name_or_path}.yaml", name_or_path, seen=())
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"search space {path} is a folder, not a file: give the YAML file inside it")
         if not path.is_file():
             raise ConfigError(f"search space file not found: {path}")
         return _load_file(path.resolve(), path.stem, seen=())

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +189,11 @@ class BIRConfig:
             values = json.loads(Path(path).read_text())
         except FileNotFoundError as err:
             raise ConfigError(f"config file not found: {path}") from err
+        except IsADirectoryError as err:
+            raise ConfigError(f"config file {path} is a folder, not a file: give the JSON file inside it") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path} ({type(err).__name__}: {err}); give a readable "
+                              "JSON file") from err
         except json.JSONDecodeError as err:
             raise ConfigError(f"config file {path} is not valid JSON: {err.msg} (line {err.lineno})") from err
         if not isinstance(values, dict):
@@ -239,6 +247,7 @@ class BIRConfig:
         """
         if self.is_resolved:
             return self
+        validate_types(self)
         validate_choices(self)
         cfg = dataclasses.replace(self)
         if cfg.brain_inspired:
@@ -268,6 +277,47 @@ class BIRConfig:
         return cfg
 
 
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_kinds() -> dict[str, tuple[type, bool]]:
+    """Each field's value type (bool, int, float or str) and whether it may be None (take the default)."""
+    global _FIELD_KINDS
+    if _FIELD_KINDS is None:
+        hints = typing.get_type_hints(BIRConfig)
+        kinds = {}
+        for name, hint in hints.items():
+            args = typing.get_args(hint)
+            kind = next((a for a in args if a is not type(None)), hint) if args else hint
+            kinds[name] = (kind, type(None) in args)
+        _FIELD_KINDS = kinds
+    return _FIELD_KINDS
+
+
+_FIELD_KINDS: dict[str, tuple[type, bool]] | None = None
+
+
+def validate_types(cfg: BIRConfig) -> None:
+    """Every field holds a value of its type (a JSON config file or a Tune config can hold anything): a switch
+    is true or false (not "no"), a count an integer, a weight a number, a name a string."""
+    for name, (kind, optional) in _field_kinds().items():
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        is_bool = isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in (
+            "bool", "bool_"))   # numpy's bool too
+        if kind is bool:
+            ok = is_bool
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not is_bool
+        elif kind is float:
+            ok = isinstance(value, numbers.Real) and not is_bool
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ConfigError(f"{flag_name(name)} must be {_KIND_WORDS.get(kind, kind.__name__)}, got {value!r}")
+
+
 def validate_choices(cfg: BIRConfig) -> None:
     """Every field with a fixed set of choices holds one of them."""
     for f in dataclasses.fields(cfg):
@@ -289,6 +339,12 @@ def check_protocol(experiment: str, tasks: Any, val_fraction: float) -> Protocol
     return spec
 
 
+def check_device(device: str) -> None:
+    """`--device` is auto, cpu, cuda or cuda:N (whether it exists here is checked where it is used)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def validate_values(cfg: BIRConfig) -> None:
     """Ranges and combinations (docs/algorithm.md "Defaults per protocol"); raises ConfigError with a one-line
     reason."""
@@ -302,8 +358,7 @@ def validate_values(cfg: BIRConfig) -> None:
     check_protocol(cfg.experiment, cfg.tasks, cfg.val_fraction)
     if not 0.0 <= cfg.dg_prop < 1.0:
         raise ConfigError(f"--dg-prop must be in [0, 1), got {cfg.dg_prop}")
-    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_device(cfg.device)
     # recon loss: BCE needs targets in [0, 1] (the reference never checked it: difference "bce-check",
     # docs/algorithm.md)
     if cfg.recon_loss == "BCE" and cfg.protocol_family == "CIFAR":

@@ -174,13 +174,39 @@ def _read_mnist5k() -> _Raw:
     return _Raw(images(x_train), torch.from_numpy(y_train).long(), images(x_test), torch.from_numpy(y_test).long())
 
 
+def _existing_folders(root: Path) -> set[Path]:
+    """The folders at and under `root` that exist now (with the nearest existing ancestor of `root`)."""
+    top = root
+    while not top.exists():
+        top = top.parent
+    return {top, *(p for p in root.rglob("*") if p.is_dir())} if root.is_dir() else {top}
+
+
+def _remove_new_empty_folders(root: Path, existed: set[Path]) -> None:
+    """Remove the empty folders at and under `root` (and up to the folder that existed) that were not there."""
+    if not root.exists():
+        return
+    created = [p for p in (*root.rglob("*"), root) if p.is_dir() and p not in existed]
+    for parent in root.parents:
+        if parent in existed or parent.exists() is False:
+            break
+        created.append(parent)
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()   # only empty folders; a partial download is kept for the next try
+        except OSError:
+            pass
+
+
 def _read_torchvision(experiment: str, source: str, root: str, download: bool) -> _Raw:
     from torchvision import datasets
 
     cls = getattr(datasets, source)
+    existed = _existing_folders(Path(root))
     try:
         train, test = (cls(root, train=flag, download=download) for flag in (True, False))
     except (OSError, RuntimeError) as exc:   # URLError is an OSError; torchvision wraps the rest
+        _remove_new_empty_folders(Path(root), existed)   # a failed download leaves no empty folders behind
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         if len(reason) > 200:
             reason = reason[:197] + "..."

@@ -41,9 +41,15 @@ def resolve_device(name: str) -> torch.device:
     """`auto` -> CUDA when available, else CPU; `cuda[:N]` must exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={name} but no CUDA device is available here")
+        raise ConfigError(f"--device={name} but no CUDA device is available here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

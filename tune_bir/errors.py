@@ -11,3 +11,7 @@ class ConfigError(TuneBirError, ValueError):
 
 class DataUnavailableError(TuneBirError):
     """A data set is missing locally and cannot be downloaded."""
+
+
+class ServiceUnreachableError(TuneBirError):
+    """A service a run or sweep needs (Ray cluster, MLflow server, storage) cannot be reached or used."""

@@ -31,6 +31,33 @@ def build_parser():
     return p
 
 
+def check_args(args) -> None:
+    """Every value in range and the output writable, before the data is read and 100 epochs are spent."""
+    import math
+    import os
+
+    from tune_bir.config import check_device
+    from tune_bir.errors import ConfigError
+
+    for name in ("epochs", "batch"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_iters < 0:
+        raise ConfigError(f"--max-iters must be >= 0 (0 = no limit), got {args.max_iters}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be > 0, got {args.lr}")
+    check_device(args.device)
+    out = Path(args.out).expanduser().resolve()
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the file to write, e.g. {args.out}/conv-CIFAR10.pt")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"--out {args.out}: {existing} {what}; choose another --out")
+
+
 def symmetric_pad(x, pad: int):
     """Mirror padding that repeats the edge pixel (torchvision's 'symmetric'), on the last two dims."""
     import torch
@@ -41,13 +68,7 @@ def symmetric_pad(x, pad: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tune_bir.errors import ConfigError
-
-    for name in ("epochs", "batch"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1")
-    if args.lr <= 0:
-        raise ConfigError("--lr must be > 0")
+    check_args(args)
     import kornia.augmentation as K
     import torch
     from torch import nn

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides, run_main
 from tune_bir.config import BIRConfig
+from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
 from tune_bir.terms import enabled
 
@@ -65,17 +67,39 @@ def format_table(acc_history: list[list[float]]) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(cfg: BIRConfig) -> Path:
+    """What a run needs besides its config, checked before any work: the results folder can be made, the
+    pre-trained conv layers of a CIFAR run exist, MLflow answers (`--mlflow`). Returns the results folder."""
+    results_dir = Path(cfg.results_dir).expanduser().resolve()
+    existing = results_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--results-dir {cfg.results_dir}: {existing} is a file, not a folder; choose another "
+                          "--results-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--results-dir {cfg.results_dir}: {existing} is not writable; choose another --results-dir")
+    if cfg.protocol_family == "CIFAR" and not Path(cfg.pretrained_conv).expanduser().is_file():
+        raise ConfigError(f"pre-trained conv layers not found at {Path(cfg.pretrained_conv).expanduser().resolve()}: "
+                          "run `python -m tune_bir.pretrain --experiment CIFAR10` or pass --pretrained-conv PATH")
+    if cfg.mlflow:
+        from tune_bir.tracking import check_mlflow, default_tracking_uri
+
+        check_mlflow(default_tracking_uri(), where="MLFLOW_TRACKING_URI")
+    return results_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
+    results_dir = check_outputs(cfg)
     # heavy imports after validation: bad flags fail fast
     from tune_bir.engine import Engine
 
     run_name = cfg.run_name or (
         f"{cfg.experiment}-{cfg.scenario}-{method_label(cfg)}-s{cfg.seed}-"
         f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    results_dir = Path(cfg.results_dir).expanduser().resolve()
+    engine = Engine(cfg)   # loads the data: a missing data set fails here, before anything is written
     results_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(cfg)
     print(f"{method_label(cfg)} on {cfg.experiment} ({cfg.scenario}-IL, {engine.n_tasks} tasks, {cfg.iters} "
           f"iterations per task) on {engine.device}")
     live = _MlflowLive(cfg, run_name) if cfg.mlflow else None

@@ -24,6 +24,7 @@ from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.sweep.plan import METRIC, PROG, SweepOptions, SweepPlan
 from tune_bir.sweep.run import (
+    check_parent_run,
     check_resources,
     connect_ray,
     prepare_environment,
@@ -164,8 +165,9 @@ def run_confirmation(options: SweepOptions) -> ConfirmOutcome:
     else:
         configs = select_configs(plan, options.top_k)
         seeds = fresh_seeds(plan, options.seeds)
+    check_parent_run(plan.mlflow)
     prepare_environment()
-    started_ray = connect_ray(options)
+    started_ray = connect_ray(options, (plan.options.cpus_per_trial, plan.options.gpus_per_trial))
     try:
         check_resources(plan.options.cpus_per_trial, plan.options.gpus_per_trial)
         if options.resume:

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 import time
 
-from tune_bir.sweep.plan import SweepOptions, SweepPlan, build_parser, plan_from_args, resume_folder
+from tune_bir.sweep.plan import (
+    SweepOptions,
+    SweepPlan,
+    build_parser,
+    check_confirm_options,
+    check_resume_options,
+    given_options,
+    plan_from_args,
+    resume_folder,
+)
 from tune_bir.sweep.preflight import check_mlflow
 from tune_bir.sweep.run import (
+    check_parent_run,
     check_resources,
     connect_ray,
     new_tuner,
@@ -28,20 +38,25 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     options = SweepOptions.from_namespace(args)
     if options.confirm:
         raise ValueError("run_sweep runs a sweep; --confirm is run by tune_bir.sweep.confirm.run_confirmation")
+    given = given_options(argv)
+    check_confirm_options(given)
     prepare_environment()
     if options.resume:
         plan = SweepPlan.load(resume_folder(options))
+        check_resume_options(args, given, plan)
         connection = options   # where to run it is this call's choice; how, the sweep's own
     else:
         plan = plan_from_args(args, argv)   # the storage path is probed there
         connection = plan.options
     # nothing exists yet: probe MLflow now, the Ray address in connect_ray, before Ray starts
     check_mlflow(plan.mlflow.tracking_uri if plan.mlflow else default_tracking_uri(plan.options.mlflow_uri))
+    if plan.mlflow is not None:
+        check_parent_run(plan.mlflow)
     return _run(plan, connection, resumed=options.resume)
 
 
 def _run(plan: SweepPlan, connection: SweepOptions, resumed: bool) -> SweepOutcome:
-    started_ray = connect_ray(connection)
+    started_ray = connect_ray(connection, (plan.options.cpus_per_trial, plan.options.gpus_per_trial))
     try:
         check_resources(plan.options.cpus_per_trial, plan.options.gpus_per_trial)
         plan.mlflow = open_parent_run(plan)
@@ -71,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.confirm:
         from tune_bir.sweep.confirm import print_confirmation, run_confirmation
 
+        check_confirm_options(given_options(argv))
         outcome = run_confirmation(SweepOptions.from_namespace(args))
         print_confirmation(outcome)
         return 130 if outcome.interrupted else 0

@@ -332,6 +332,55 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
                      argv=list(sys.argv[1:] if argv is None else argv))
 
 
+# What a confirmation and a resumed sweep take from this command line: where and how fast to run (the
+# configs, budgets and resources are the sweep's own, from its sweep.json).
+CONFIRM_OPTIONS = ("confirm", "top_k", "seeds", "resume", "max_concurrent", "address", "dashboard", "num_cpus")
+RESUME_OPTIONS = ("resume", "name", "storage_path", "address", "dashboard", "num_cpus")
+
+
+def given_options(argv: list[str] | None) -> set[str]:
+    """The destinations of the options given on the command line (not those left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_confirm_options(given: set[str]) -> None:
+    """--top-k and --seeds only with --confirm; with --confirm, no option it would ignore."""
+    if "confirm" not in given:
+        stray = sorted(given & {"top_k", "seeds"})
+        if stray:
+            raise ConfigError(f"{flag_name(stray[0])} is an option of --confirm SWEEP (re-running a finished sweep's "
+                              f"winners on fresh seeds); add --confirm SWEEP or drop {flag_name(stray[0])}")
+        return
+    ignored = sorted(given - set(CONFIRM_OPTIONS))
+    if ignored:
+        flag = flag_name(ignored[0])
+        apply = ", ".join(flag_name(o) for o in CONFIRM_OPTIONS[1:])
+        raise ConfigError(f"{flag} does not apply to --confirm: a confirmation re-runs the sweep's own configs with "
+                          f"the sweep's own settings (only {apply} apply); drop {flag}")
+
+
+def check_resume_options(args: argparse.Namespace, given: set[str], plan: SweepPlan) -> None:
+    """A resumed sweep runs with the settings it began with: a setting given again must be the same."""
+    options = SweepOptions.from_namespace(args)
+    fields = set(BIRConfig.field_names())
+    defaults = BIRConfig().to_dict()
+    for dest in sorted(given - set(RESUME_OPTIONS)):
+        if dest in fields:
+            mine, theirs = getattr(args, dest), plan.base_config.get(dest, defaults.get(dest))
+        elif hasattr(plan.options, dest):
+            mine, theirs = getattr(options, dest), getattr(plan.options, dest)
+        else:
+            continue
+        if mine != theirs:
+            flag = flag_name(dest)
+            raise ConfigError(f"{flag} {mine} contradicts sweep {plan.name}'s own {flag} {theirs}: a sweep resumes "
+                              f"with the settings it began with (its sweep.json); drop {flag}, or start a new sweep "
+                              "with another --name")
+
+
 def resume_folder(options: SweepOptions) -> SweepFolder:
     """The sweep `--resume` continues: --name under --storage-path, else the latest one there."""
     check_storage(options.storage_path)

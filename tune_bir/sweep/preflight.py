@@ -14,19 +14,15 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from tune_bir.errors import TuneBirError
+from tune_bir.errors import ServiceUnreachableError
+from tune_bir.tracking import CONNECT_TIMEOUT_S, check_mlflow
 
-CONNECT_TIMEOUT_S = 5.0      # TCP connect to the Ray GCS, HTTP request to MLflow
+__all__ = ["CONNECT_TIMEOUT_S", "STORAGE_TIMEOUT_S", "ServiceUnreachableError", "check_mlflow", "check_ray_address",
+           "check_storage", "ray_gcs_address"]
+
 STORAGE_TIMEOUT_S = 15.0     # one pyarrow file-info call on a storage URI, in a child process
-
-
-class ServiceUnreachableError(TuneBirError):
-    """A service the sweep needs (Ray cluster, MLflow server, storage) cannot be reached or used."""
 
 
 # --- storage ----------------------------------------------------------------------------------------
@@ -76,44 +72,8 @@ def _check_local_storage(storage_path: str) -> None:
                                       "choose another --storage-path")
 
 
-# --- MLflow -----------------------------------------------------------------------------------------
-def check_mlflow(tracking_uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """An http(s) tracking server answers its health check; a sqlite store's folder exists."""
-    scheme = urllib.parse.urlsplit(tracking_uri).scheme
-    if scheme == "sqlite":
-        _check_sqlite(tracking_uri)
-    elif scheme in ("http", "https"):
-        _check_mlflow_server(tracking_uri, timeout)
-
-
-def _check_sqlite(tracking_uri: str) -> None:
-    path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
-    if not path or path == ":memory:":
-        return
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise ServiceUnreachableError(f"MLflow tracking URI {tracking_uri}: the folder {folder} does not exist; "
-                                      "create it or pass another --mlflow-uri")
-
-
-def _check_mlflow_server(tracking_uri: str, timeout: float) -> None:
-    url = tracking_uri.rstrip("/") + "/health"
-    fix = ("start it (e.g. mlflow server --host 127.0.0.1 --port PORT --backend-store-uri sqlite:////ABS/mlflow.db) "
-           "or pass a reachable --mlflow-uri (or MLFLOW_TRACKING_URI)")
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout) as response:
-            response.read(64)
-    except urllib.error.HTTPError as err:
-        if err.code >= 500:
-            raise ServiceUnreachableError(f"MLflow tracking server {tracking_uri} is unhealthy (HTTP {err.code} from "
-                                          f"/health); {fix}") from None
-        # 401/403/404: something answers (an auth proxy, a path prefix); MLflow's own calls decide
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        if isinstance(reason, socket.timeout | TimeoutError):
-            reason = f"no answer within {timeout:g} s"
-        raise ServiceUnreachableError(f"cannot reach the MLflow tracking server {tracking_uri} ({reason}); "
-                                      f"{fix}") from None
+# --- MLflow ---------------------------------------------------------------------------------------
+# check_mlflow lives in the core (tune_bir.tracking): a single run with --mlflow probes the same way.
 
 
 # --- Ray --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from tune_bir.errors import ConfigError
@@ -29,14 +30,58 @@ def prepare_environment() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def connect_ray(options: SweepOptions) -> bool:
-    """Join --address or start a local Ray; True when this call started it (and must shut it down)."""
+def connect_ray(options: SweepOptions, trial_resources: tuple[float, float] | None = None) -> bool:
+    """Join --address or start a local Ray; True when this call started it (and must shut it down).
+
+    With `trial_resources` (CPUs, GPUs per trial), a local Ray that could never run one trial is refused
+    before it starts (a cluster is checked once joined, by `check_resources`).
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(**ray_init_kwargs(options))
+    kwargs = ray_init_kwargs(options)
+    if trial_resources is not None and "address" not in kwargs:
+        check_local_resources(kwargs["num_cpus"], *trial_resources)
+    ray.init(**kwargs)
     return True
+
+
+def local_gpus() -> int:
+    """The GPUs a local Ray started here would have (CUDA_VISIBLE_DEVICES respected, as Ray does)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_local_resources(num_cpus: int, cpus: float, gpus: float) -> None:
+    """Refuse, before a local Ray starts, per-trial resources this machine does not have (trials would pend)."""
+    if cpus > num_cpus:
+        raise ConfigError(f"--cpus-per-trial={cpus:g}: the local Ray has {num_cpus} CPUs; lower --cpus-per-trial, "
+                          "raise --num-cpus, or join a cluster (--address)")
+    if gpus > 0:
+        have = local_gpus()
+        if gpus > have:
+            use = "--gpus-per-trial 0" if have == 0 else f"at most --gpus-per-trial {have}"
+            raise ConfigError(f"--gpus-per-trial={gpus:g}: this machine has {have} GPU(s) for a local Ray; use {use}, "
+                              "or join a cluster with GPUs (--address)")
+
+
+def check_parent_run(location: MlflowLocation) -> None:
+    """The MLflow parent run a resumed sweep (or a confirmation) logs under still exists; checked before Ray
+    starts, and without creating an empty sqlite store where the sweep's one is gone."""
+    uri, run_id = location.tracking_uri, location.parent_run_id
+    fix = "point MLFLOW_TRACKING_URI or the sweep's store back where the sweep logged, or start a new sweep"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ConfigError(f"the sweep's MLflow store {uri} is gone (its parent run {run_id} was there); {fix}")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"the sweep's MLflow parent run {run_id} is not in {uri} ({str(err).splitlines()[0]}); "
+                          f"{fix}") from None
 
 
 def ray_init_kwargs(options: SweepOptions) -> dict[str, Any]:
