@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")   # an unreachable server fails in seconds
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    if args.no_mlflow and args.mlflow_uri and args.sweep_dir:
+        raise ConfigError("--mlflow-uri with --no-mlflow and a sweep folder: nothing is read from or attached to "
+                          "MLflow; drop --mlflow-uri or --no-mlflow")
     if not args.no_mlflow and args.out and "://" in args.out:
         raise ConfigError(f"--out {args.out} is not a local folder: MLflow attaches local files; give a local "
                           "--out, or add --no-mlflow")

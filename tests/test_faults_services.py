@@ -23,7 +23,7 @@ from tune_bir.sweep.plan import PROG, SweepOptions, build_parser
 from tune_bir.sweep.run import ray_init_kwargs
 
 FAIL_WITHIN_S = 30.0
-TINY = ["--iters", "8", "--batch", "32", "--num-samples", "2", "--num-cpus", "2"]
+TINY = ["--iters", "8", "--batch", "32", "--num-samples", "2"]   # no --num-cpus: refused with --address
 
 
 @pytest.fixture

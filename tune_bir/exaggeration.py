@@ -280,6 +280,9 @@ class ContrastiveReplay(ExaggerationTerm):
             raise ConfigError(f"--c-drop must be in [0, 1), got {cfg.c_drop}")
         if cfg.c_scores and cfg.c_hard:
             raise ConfigError("--c-scores and --c-hard are alternatives; choose one")
+        if cfg.aux_decoder != "random" and cfg.protocol_family != "CIFAR":
+            raise ConfigError(f"--aux-decoder={cfg.aux_decoder} acts on CIFAR-100 only: {cfg.experiment}'s second "
+                              "views are augmented images, without an auxiliary decoder; drop it")
 
     def __init__(self, cfg: BIRConfig, model: BIRModel, conv, device: torch.device, train: bool):
         self.cfg, self.model, self.conv, self.train = cfg, model, conv, train

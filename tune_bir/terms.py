@@ -196,6 +196,32 @@ def uses_exaggeration(cfg: BIRConfig) -> bool:
     return any(term.exaggerates for term in enabled(cfg))
 
 
+def idle_fields(cfg: BIRConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """Term weights and options set away from their defaults while no term that declares them is on, each with
+    the switches that would make it act: values that change nothing. Not part of `check_config`: a sweep's
+    baseline switches its terms off and keeps the base config's options (the command lines refuse these)."""
+    import dataclasses
+
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    terms = registered()
+    skip = {t.switch for t in terms} | {s for t in terms for s in t.sub_switches}   # sub-switches: check_config
+    idle = []
+    for name in replay_only_fields():
+        owners = [t for t in terms if name in t.fields()]
+        if name in skip or any(getattr(cfg, t.switch) for t in owners):
+            continue
+        if getattr(cfg, name) != default.get(name):
+            idle.append((name, tuple(t.switch for t in owners)))
+    return idle
+
+
+def check_idle_fields(cfg: BIRConfig) -> None:
+    """One-line ConfigError for the first of `idle_fields(cfg)`."""
+    for name, switches in idle_fields(cfg)[:1]:
+        raise ConfigError(f"{flag_name(name)} acts only with " + " or ".join(flag_name(s) for s in switches)
+                          + f": add it, or drop {flag_name(name)}")
+
+
 def check_config(cfg: BIRConfig) -> None:
     """The registry's part of config validation (one-line ConfigErrors)."""
     terms = registered()

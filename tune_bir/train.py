@@ -21,7 +21,7 @@ from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrid
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
-from tune_bir.terms import enabled
+from tune_bir.terms import check_idle_fields, enabled
 
 PROG = "python -m tune_bir.train"
 
@@ -38,7 +38,12 @@ def config_from_args(argv: list[str] | None) -> BIRConfig:
     args = build_parser().parse_args(argv)
     values: dict[str, Any] = BIRConfig.from_json(args.config) if args.config else {}
     values |= config_overrides(args)
-    return BIRConfig.from_dict(values).resolved()
+    cfg = BIRConfig.from_dict(values).resolved()
+    check_idle_fields(cfg)   # a term's weight or option without the term would change nothing
+    if cfg.segment_iters:
+        raise ConfigError("--segment-iters cuts a sweep's trials into Tune steps; a single run trains whole tasks: "
+                          "drop it")
+    return cfg
 
 
 def method_label(cfg: BIRConfig) -> str:

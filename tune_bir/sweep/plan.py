@@ -27,6 +27,7 @@ from tune_bir.record import git_commit, package_versions
 from tune_bir.sweep.preflight import check_storage
 from tune_bir.sweep.status import SELECTION_METRIC
 from tune_bir.sweep.storage import SWEEP_FILE, SweepFolder
+from tune_bir.terms import idle_fields
 
 PROG = "python -m tune_bir.sweep"
 METRIC, MODE = SELECTION_METRIC, "max"   # what Optuna is told and the best config is chosen by
@@ -302,6 +303,18 @@ def check_options(options: SweepOptions, n_tasks: int) -> None:
             raise ConfigError(message)
 
 
+def check_base_acts(base: dict[str, Any], space: SearchSpace) -> None:
+    """A term weight or option of the base config acts in some trial: a term that declares it is on in the base,
+    fixed on by the space, or one of the space's choices."""
+    maybe_on = {p.name: True for p in space.params if p.distribution == "choice" and True in p.choices}
+    cfg = BIRConfig.from_dict({**base, **space.fixed, **maybe_on})
+    for name, switches in idle_fields(cfg):
+        if name in base:
+            raise ConfigError(f"{flag_name(name)} acts only with " + " or ".join(flag_name(s) for s in switches)
+                              + f", which no trial of space {space.name} switches on: drop {flag_name(name)}, or "
+                              "search a space with that term")
+
+
 def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> SweepPlan:
     """Validate flags, base config and space into a plan; raises ConfigError (exit 2, Ray not started)."""
     options = SweepOptions.from_namespace(args)
@@ -312,13 +325,15 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
     check_options(options, resolved.tasks)
     space = load_space(options.space)
     space.validate_against(user_base)
+    check_base_acts(user_base, space)
     try:
         BIRConfig.from_dict({**user_base, **EXAGGERATION_OFF}).resolved()
     except ConfigError as err:
         raise ConfigError(f"the baseline (base config, every exaggeration off) is invalid: {err}") from err
     trial_base = dict(user_base)
     trial_base["data_dir"] = str(Path(resolved.data_dir).expanduser().resolve())
-    trial_base["pretrained_conv"] = str(Path(resolved.pretrained_conv).expanduser().resolve())
+    if resolved.protocol_family == "CIFAR":   # elsewhere refused as changing nothing
+        trial_base["pretrained_conv"] = str(Path(resolved.pretrained_conv).expanduser().resolve())
     seg = resolved.segment_iters
     segments_per_task = 1 if seg <= 0 else math.ceil(resolved.iters / seg)
     name = options.name or f"{space.name}-{resolved.experiment}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

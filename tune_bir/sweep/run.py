@@ -91,6 +91,9 @@ def ray_init_kwargs(options: SweepOptions) -> dict[str, Any]:
         if options.dashboard:
             raise ConfigError("--dashboard starts the dashboard of a local Ray; a cluster's dashboard is its head's "
                               "(ray dashboard CLUSTER.yaml, or kubectl port-forward): drop --dashboard or --address")
+        if options.num_cpus is not None:
+            raise ConfigError("--num-cpus sizes a local Ray; a cluster (--address) has its own CPUs: drop --num-cpus "
+                              "or --address")
         check_ray_address(options.address)
         return {"address": options.address}
     kwargs: dict[str, Any] = {"num_cpus": options.num_cpus or os.cpu_count(), "include_dashboard": options.dashboard}

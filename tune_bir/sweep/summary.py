@@ -18,6 +18,7 @@ from tune_bir.sweep.plan import METRIC, PROG, SweepPlan
 from tune_bir.sweep.run import save_to_sweep, search_alg
 from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, status_counts, trial_status
 from tune_bir.sweep.storage import BEST_FILE, RESULTS_FILE, SWEEP_FILE, is_uri
+from tune_bir.terms import idle_fields
 from tune_bir.train import PROG as TRAIN_PROG
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,12 @@ def best_values(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
         values |= EXAGGERATION_OFF
     else:
         values |= {k: v for k, v in row.items() if k in plan.tuned_names}
+    # what a single run would refuse as changing nothing: how the sweep cut tasks into steps, and options of
+    # terms this trial has off (the baseline keeps the base config's)
+    idle = {"segment_iters", *(name for name, _ in idle_fields(BIRConfig.from_dict(values)))}
     defaults = BIRConfig().to_dict()
     return {k: values[k] for k in BIRConfig.field_names()
-            if k in values and values[k] is not None and values[k] != defaults[k]}
+            if k in values and k not in idle and values[k] is not None and values[k] != defaults[k]}
 
 
 def train_command(values: dict[str, Any]) -> str:
