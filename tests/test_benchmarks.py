@@ -39,6 +39,16 @@ def test_engine_speed_benchmark_prints_its_ratios():
     assert "matrix products alone" in out
 
 
+@pytest.mark.slow
+def test_shared_cores_benchmark_prints_its_ratios():
+    out = subprocess.run([sys.executable, "benchmarks/shared_cores.py", "--iters", "2", "--tasks", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, check=True).stdout
+    for label in ("two together / one alone:", "worker beside a default run / worker alone:",
+                  "one run alone, default threads / every core:"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        float(line.split(":", 1)[1].split("x")[0])
+
+
 def test_step_gemms_count_the_flops_of_the_layer_sizes_by_hand():
     spec = ModelSpec((1, 4, 4), n_classes=3, fc_units=5, fc_layers=2, z_dim=2)
     # layers (in, out): encoder 16->5, classifier 5->3, latent 5->2 twice, decoder 2->5, 5->16

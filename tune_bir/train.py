@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides, run_main
 from tune_bir.config import BIRConfig
+from tune_bir.cpu import cpu_threads, quiet_waits
 from tune_bir.errors import ConfigError
 from tune_bir.record import git_commit, package_versions
 from tune_bir.terms import check_idle_fields, enabled
@@ -29,6 +30,9 @@ PROG = "python -m tune_bir.train"
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--config", metavar="FILE", help="JSON object of config fields; flags override it")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads of torch (default 0: a fair share, $OMP_NUM_THREADS when set, else half "
+                             "the usable cores, at least 1; see README 'Benchmarks', shared_cores)")
     add_config_flags(parser)
     return parser
 
@@ -95,8 +99,17 @@ def check_outputs(cfg: BIRConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_waits()   # before torch loads OpenMP: runs that share cores must not spin on them (tune_bir.cpu)
     cfg = config_from_args(argv)
+    threads = build_parser().parse_args(argv).threads
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: a fair share of the cores), got {threads}")
     results_dir = check_outputs(cfg)
+    with cpu_threads(threads) as n_threads:
+        return _run(cfg, results_dir, n_threads)
+
+
+def _run(cfg: BIRConfig, results_dir: Path, n_threads: int) -> int:
     # heavy imports after validation: bad flags fail fast
     from tune_bir.engine import Engine
 
@@ -106,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(cfg)   # loads the data: a missing data set fails here, before anything is written
     results_dir.mkdir(parents=True, exist_ok=True)
     print(f"{method_label(cfg)} on {cfg.experiment} ({cfg.scenario}-IL, {engine.n_tasks} tasks, {cfg.iters} "
-          f"iterations per task) on {engine.device}")
+          f"iterations per task) on {engine.device}"
+          + (f" ({n_threads} CPU thread{'s' if n_threads > 1 else ''})" if engine.device.type == "cpu" else ""))
     live = _MlflowLive(cfg, run_name) if cfg.mlflow else None
     per_task: list[dict[str, float]] = []
     while not engine.done:
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg.to_dict(),
         "method": method_label(cfg),
         "device": str(engine.device),
+        "cpu_threads": n_threads,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "acc_matrix": engine.acc_history,

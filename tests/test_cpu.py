@@ -1,0 +1,85 @@
+"""CPU threads of the command lines on shared cores (tune_bir.cpu): passive OpenMP waits set before torch loads,
+a fair share of threads by default, `--threads` and $OMP_NUM_THREADS obeyed. Speed itself is measured by
+benchmarks/shared_cores.py, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tune_bir import cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean | env, capture_output=True, text=True,
+                          timeout=120, check=True).stdout.strip()
+
+
+def test_the_command_lines_import_no_torch_before_main_sets_the_wait_policy():
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: a module-level `import torch` in a CLI (or in
+    # anything it imports) would make quiet_waits() a no-op
+    out = _python("import sys, tune_bir.train, tune_bir.pretrain, tune_bir.sweep.driver, tune_bir.cpu as c; "
+                  "print('torch' in sys.modules); c.quiet_waits(); import os; print(os.environ['OMP_WAIT_POLICY'])")
+    assert out.splitlines() == ["False", "PASSIVE"]
+
+
+def test_a_wait_policy_the_user_set_wins_and_nothing_changes_once_torch_is_loaded():
+    assert _python("import tune_bir.cpu as c, os; c.quiet_waits(); print(os.environ['OMP_WAIT_POLICY'])",
+                   OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _python("import torch, tune_bir.cpu as c, os; c.quiet_waits(); print(os.environ.get('OMP_WAIT_POLICY'))"
+                   ) == "None"
+
+
+def test_the_fair_share_is_omp_num_threads_else_half_the_usable_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 16)
+    assert cpu.fair_share() == 8
+    monkeypatch.setattr(cpu, "usable_cpus", lambda: 1)
+    assert cpu.fair_share() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu.fair_share() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert cpu.fair_share() == 1
+
+
+def test_cpu_threads_sets_and_restores_torchs_thread_count():
+    before = torch.get_num_threads()
+    with cpu.cpu_threads(1) as chosen:
+        assert chosen == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(("flags", "env", "expected"), [([], {}, max(1, len(os.sched_getaffinity(0)) // 2)),
+                                                       (["--threads=3"], {}, 3),
+                                                       ([], {"OMP_NUM_THREADS": "1"}, 1)])
+def test_a_train_run_uses_the_threads_it_reports(tmp_path, flags, env, expected):
+    code = ("import sys, torch, tune_bir.train as t; code = t.main(sys.argv[1:]); "
+            "print('threads', torch.get_num_threads()); sys.exit(code)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code, "--iters=2", "--tasks=2", f"--results-dir={tmp_path}",
+                          "--run-name=r", *flags], cwd=ROOT, env=clean | env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert f"on cpu ({expected} CPU thread" in out
+    assert json.loads((tmp_path / "r.json").read_text())["cpu_threads"] == expected
+    assert out.strip().splitlines()[-1] == f"threads {_torch_default(env)}"   # restored after the run
+
+
+def _torch_default(env: dict[str, str]) -> int:
+    """torch's own thread count in a fresh process with env: main() restores it after the run."""
+    return int(_python("import torch; print(torch.get_num_threads())", **env))
+
+
+def test_negative_threads_are_refused_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tune_bir.train", "--threads=-1", f"--results-dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--threads must be >= 0" in result.stderr
