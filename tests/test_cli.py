@@ -1,11 +1,14 @@
 """The command lines: real runs on splitMNIST5k, one-line errors with exit code 2."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.pdf_check import read_pages
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--iters=3", "--batch=32", "--device=cpu"]
@@ -35,7 +38,22 @@ def test_train_cli_runs_each_replay_mode(tmp_path, flags):
     assert {"config", "versions", "git_commit", "device"} <= set(record)
     assert "after task" in out.stdout and "forgetting_avg" in out.stdout
     if "--pdf" in flags:
-        assert (tmp_path / "results" / "r.pdf").stat().st_size > 1000
+        assert_run_report(tmp_path / "results" / "r.pdf", samples=True)
+
+
+def assert_run_report(path: Path, samples: bool) -> None:
+    """The run's PDF: the accuracy plot (5 task curves with their markers, the average, labels), then, where the
+    model generates pixels, a page of 10 x 8 decoded samples, each an image that is neither blank nor a copy."""
+    pages = read_pages(path)
+    assert len(pages) == (2 if samples else 1)
+    plot = pages[0].operators
+    assert plot["S"] >= 6 and plot["TJ"] >= 15, plot   # >= 6 stroked curves, tick and axis labels, title, legend
+    assert plot["Do"] >= 10, plot   # markers of the 5 + 4 + 3 + 2 + 1 accuracies (one on a frame edge may be cut)
+    if samples:
+        images = pages[1].images
+        assert len(images) == 80 and all(im.ndim == 2 and min(im.shape) >= 28 for im in images)
+        assert all(im.std() > 0 for im in images), "a blank sample"
+        assert len({im.tobytes() for im in images}) == 80, "samples repeat"
 
 
 def test_config_file_is_read_and_flags_override_it(tmp_path):
@@ -102,7 +120,43 @@ def test_original_readme_lines_run_on_split_mnist(tmp_path, variant):
               *FAST, "--run-name=line", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("acc_avg=")
-    assert (tmp_path / "results" / "line.pdf").is_file()
+    assert_run_report(tmp_path / "results" / "line.pdf", samples=True)
+    # each term of the line is built and computed on the replayed memories of every task from task 2 on
+    per_task = json.loads((tmp_path / "results" / "line.json").read_text())["metrics_per_task"]
+    for name in README_LOGGED[variant]:
+        assert name not in per_task[0], name                                       # task 1: no replay
+        assert all(math.isfinite(m[name]) for m in per_task[1:]), (name, per_task[1:])
+
+
+# what each README line logs (a term that is not built logs nothing); the not-hidden control trains nothing
+README_LOGGED = {"baseline": [], "repulsion": ["loss/repulsion"],
+                 "recon": ["loss/recon_repulsion", "loss/recon_attraction"], "not-hidden": [],
+                 "contrastive": ["loss/contrastive"]}
+# the weights that make each README line's term act (the README's own defaults are inert on purpose)
+ACTIVE_WEIGHTS = {"repulsion": ["--lamda-rep=1e4"], "recon": ["--lamda-recon-rep=10", "--lamda-recon-atr=10"],
+                  "contrastive": ["--c-lr=1e-2"], "not-hidden": []}
+
+
+def test_readme_terms_with_active_weights_change_the_learner_and_not_hidden_does_not(tmp_path, capsys):
+    # in-process (one import for the six runs); the replay distillation loss of tasks 3-5 depends on the
+    # weights learnt in tasks 2-4, so it differs from the baseline's exactly when the term reached the gradient
+    from tune_bir import train
+
+    def run(variant: str) -> list[dict]:
+        flags = ["--experiment=splitMNIST5k", *README_COMMON[:-1], "--c=0.1", *README_VARIANTS[variant],
+                 *ACTIVE_WEIGHTS.get(variant, []), *FAST, f"--results-dir={tmp_path}", f"--run-name={variant}"]
+        assert train.main(flags) == 0
+        return json.loads((tmp_path / f"{variant}.json").read_text())["metrics_per_task"]
+
+    distill = lambda m: [t["loss/distillation"] for t in m[2:]]   # noqa: E731
+    baseline = run("baseline")
+    for variant in ACTIVE_WEIGHTS:
+        metrics = run(variant)
+        if variant == "not-hidden":   # a control: the views are built, nothing is trained on them
+            assert distill(metrics) == distill(baseline)
+        else:
+            assert distill(metrics) != distill(baseline), variant
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("variant", README_VARIANTS)
@@ -120,5 +174,8 @@ def test_original_readme_lines_run_on_cifar100(tmp_path, fake_cifar_dir, capsys,
                        "--device=cpu", f"--results-dir={tmp_path}", "--run-name=cifar"])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("acc_avg=")
-    record = (tmp_path / "cifar.json").read_text()
-    assert '"acc_task_10"' in record
+    record = json.loads((tmp_path / "cifar.json").read_text())
+    assert "acc_task_10" in record["final"] and len(record["acc_matrix"]) == 10
+    assert_run_report(tmp_path / "cifar.pdf", samples=False)   # features are replayed, not pixels: no sample page
+    for name in README_LOGGED[variant]:
+        assert all(math.isfinite(m[name]) for m in record["metrics_per_task"][1:]), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import typing
 
 import pytest
@@ -181,3 +182,79 @@ def test_a_registered_term_keeps_task_one_shareable(toy_term):
     got = adopter.train_task()
     strip = lambda m: {k: v for k, v in m.items() if k != "time_this_step_s"}  # noqa: E731
     assert strip(got) == strip(expected)
+
+
+# -- every built-in term reaches the learner's gradient ------------------------------------------------
+@functools.cache
+def _task_one(iters: int) -> dict:
+    """The state after task 1 of the BIR config below (every term config adopts it: terms act from task 2)."""
+    engine = Engine(BIRConfig(**BIR | dict(iters=iters)))
+    engine.train_task()
+    return copy.deepcopy(engine.state_dict())
+
+
+def _replay_step(cfg: BIRConfig) -> tuple[Engine, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Task 1 trained, then one replay step of task 2: the gradients of the learner's main objective and of a
+    term's own objective (empty without one), by parameter name."""
+    engine = Engine(cfg)
+    engine.adopt_first_task(copy.deepcopy(_task_one(cfg.iters)))
+    train = engine.data.train[1]
+    objectives = engine._objectives(train.x[:32], train.y[:32], 2)
+    params = dict(engine.model.named_parameters())
+    main = torch.autograd.grad(objectives.main, list(params.values()), allow_unused=True, retain_graph=True)
+    own = {}
+    if objectives.own is not None:
+        term, value = objectives.own
+        named = {**{f"fcE.{n}": p for n, p in engine.model.fcE.named_parameters()},
+                 **{f"head.{n}": p for n, p in term.head.named_parameters()}}
+        grads = torch.autograd.grad(term.weight * value, list(named.values()), allow_unused=True)
+        own = {n: g for n, g in zip(named, grads, strict=True) if g is not None}
+    return engine, {n: g for n, g in zip(params, main, strict=True) if g is not None}, own
+
+
+ACTIVE = {   # each built-in additive term with a weight that acts, and the parameters its gradient must reach
+    "repulsion": (dict(repulsion=True, lamda_rep=1e3), "toZ_mean.weight"),
+    "repulsion_sample_kl": (dict(repulsion=True, lamda_rep=1e3, rep_target="sample", kl_js="kl"), "toZ_mean.weight"),
+    "recon_repulsion": (dict(recon_repulsion=True, lamda_recon_rep=10.0), "fcD_out.weight"),
+    "recon_attraction": (dict(recon_attraction=True, lamda_recon_atr=10.0), "fcD_out.weight"),
+}
+
+
+@pytest.mark.parametrize("term", ACTIVE)
+def test_a_weighted_builtin_term_changes_the_learners_gradient_and_a_zero_weight_does_not(term):
+    # the engine adds weight * value of every additive term to the replay loss; without that line (or with
+    # the term left out of the objective) the gradients below equal the baseline's
+    flags, reached = ACTIVE[term]
+    weight_field = next(k for k in flags if k.startswith("lamda"))
+    # a task 1 long enough that the previous model tells its two classes apart: replayed memories of both
+    # classes, so the terms that need a member of the competing class have valid anchors
+    trained = dict(BIR, iters=40)
+    _, base, _ = _replay_step(BIRConfig(**trained))
+    _, zero, _ = _replay_step(BIRConfig(**trained, **(flags | {weight_field: 0.0})))
+    engine, active, _ = _replay_step(BIRConfig(**trained, **flags))
+    assert [t.name for t in engine.terms] == [next(k for k, v in flags.items() if v is True)]
+    assert base.keys() == zero.keys() == active.keys()
+    assert all(torch.equal(base[k], zero[k]) for k in base)
+    assert not torch.equal(base[reached], active[reached]), reached
+    # and only the term's share differs: the encoder's classifier head gets no replay-term gradient
+    assert torch.equal(base["classifier.weight"], active["classifier.weight"])
+
+
+def test_contrastive_replay_steps_the_encoder_with_its_weighted_objective():
+    # separate mode: the main objective's gradient is BI-R's; lamda_contr * L_con is the encoder optimiser's
+    _, base, _ = _replay_step(BIRConfig(**BIR))
+    _, main, own = _replay_step(BIRConfig(**BIR, contrastive=True, c_lr=1e-3, c_scores=True))
+    _, _, zero = _replay_step(BIRConfig(**BIR, contrastive=True, c_lr=1e-3, c_scores=True, lamda_contr=0.0))
+    assert all(torch.equal(base[k], main[k]) for k in base)
+    assert own and all(g.abs().sum() > 0 for g in own.values())
+    assert all(torch.count_nonzero(g) == 0 for g in zero.values())
+    # end to end: one task of contrastive replay moves the encoder away from BI-R's, a zero weight does not
+    def encoder(**flags):
+        engine = Engine(BIRConfig(**BIR, **flags))
+        engine.train_task()
+        engine.train_task()
+        return engine.model.fcE[0].weight.detach()
+
+    plain = encoder()
+    assert (encoder(contrastive=True, c_lr=1e-3, c_drop=0.0, lamda_contr=0.0) - plain).abs().max() < 1e-6
+    assert (encoder(contrastive=True, c_lr=1e-3, c_drop=0.0) - plain).abs().max() > 1e-4
