@@ -76,10 +76,16 @@ def test_outputs_finite_detects_a_blown_up_model():
 
 @pytest.mark.parametrize("flags", [dict(BIR), dict(BIR, si=True, c=0.1), dict(replay="generative")])
 def test_bf16_autocast_trains_and_keeps_fp32_state(flags):
-    e = engine(**flags, precision="bf16", iters=15)
-    e.train_task()
-    metrics = e.train_task()
-    assert metrics["acc_avg"] > 0.5
+    def two_tasks(precision: str):
+        e = engine(**flags, precision=precision, iters=15)
+        e.train_task()
+        return e, e.train_task()
+
+    e, metrics = two_tasks("bf16")
+    _, fp32 = two_tasks("fp32")
+    # measured (seeds 1-3): the same acc_avg as fp32 to 0.01, task 2 at 0.89-0.93 after 15 iterations
+    assert metrics["acc_avg"] == pytest.approx(fp32["acc_avg"], abs=0.05)
+    assert metrics["acc_task_2"] > 0.8
     assert all(p.dtype == torch.float32 for p in e.model.parameters())
     assert all(torch.isfinite(p).all() for p in e.model.parameters())
 
@@ -207,15 +213,28 @@ def test_classifier_baselines_train(replay):
     e = engine(replay=replay, iters=10)
     while not e.done:
         metrics = e.train_task()
-    assert metrics["task"] == 5 and 0.0 <= metrics["acc_avg"] <= 1.0
+    assert metrics["task"] == 5
+    # class-IL after 5 tasks (measured, seeds 1-3): without replay task 1 is gone (0.0); LwF keeps it by
+    # distillation (0.985-1.0); joint training keeps it (0.96-0.975) and the rest (acc_avg 0.61-0.68)
+    if replay == "none":
+        assert metrics["acc_task_1"] < 0.05
+    else:
+        assert metrics["acc_task_1"] > 0.9
+    if replay == "offline":
+        assert metrics["acc_avg"] > 0.5
 
 
 def test_generative_replay_with_a_separate_generator_trains_both_models():
     e = engine(replay="generative", distill=True, iters=10)
     assert e.generator_model is not None and e.model.spec.decoder is False
     e.train_task()
+    generator, classifier = (copy.deepcopy(m.state_dict()) for m in (e.generator_model, e.model))
     m = e.train_task()
-    assert m["loss/generator_replay"] > 0 and m["loss/distillation"] > 0
+    # in task 2 both models learn, each on current and replayed inputs (their replay losses are logged)
+    for model, before in ((e.generator_model, generator), (e.model, classifier)):
+        moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+        assert moved, type(model).__name__
+    assert "loss/generator_replay" in m and "loss/distillation" in m
 
 
 @pytest.mark.parametrize("scenario", ["task", "domain"])
@@ -223,17 +242,26 @@ def test_task_and_domain_scenarios_without_replay(scenario):
     e = engine(scenario=scenario, iters=30, si=True)
     e.train_task()
     m = e.train_task()
-    assert 0.4 <= m["acc_task_2"] <= 1.0  # binary task accuracy well above nothing
+    # binary tasks, chance 0.5; measured (seeds 1-3): task 2 at 0.94 (task) / 0.90-0.96 (domain); task 1 kept at
+    # 1.0 by task-IL's own head, at 0.62-0.77 by domain-IL's shared one
+    assert m["acc_task_2"] > 0.8
+    assert m["acc_task_1"] > (0.9 if scenario == "task" else 0.55)
 
 
 def test_brain_inspired_replay_beats_no_replay_on_real_digits():
-    """A short budget (150 iterations per task); BI-R must be far above no replay (~0.20)."""
+    """A short budget (150 iterations per task, batch 128, seed 1); BI-R and BI-R+SI land in a band pinned by
+    measurement, far above no replay (~0.20)."""
     def final(**kw):
         e = engine(iters=150, batch=128, seed=1, **kw)
         while not e.done:
             m = e.train_task()
         return m["acc_avg"]
 
-    none, bir = final(replay="none"), final(**BIR)
+    none, bir, bir_si = final(replay="none"), final(**BIR), final(**BIR, si=True, c=0.1)
     assert none < 0.25
-    assert bir > 0.55
+    # Final acc_avg at this budget, measured on a 2-core CPU (torch 2.14.1, fp32; one thread per run) for
+    # seeds 1-4: BI-R 0.816 0.811 0.823 0.820 (mean 0.8175, sd 0.0052); BI-R+SI (c 0.1) 0.816 0.815 0.822
+    # 0.816 (mean 0.8172, sd 0.0032). Bounds: mean +- max(4 sd, 0.03), i.e. the seed-to-seed spread with room
+    # for other CPUs' arithmetic; a broken replay, distillation or SI path lands far outside (no replay: ~0.2).
+    assert 0.7875 <= bir <= 0.8475, bir
+    assert 0.7872 <= bir_si <= 0.8472, bir_si
