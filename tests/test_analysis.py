@@ -80,7 +80,8 @@ def test_cli_prints_the_top_table_and_writes_the_report(sweep, analysed):
     done, out = analysed
     table = load_sweep(str(folder))
     best = table[table["trial_status"] == "completed"].sort_values("val_acc_avg", ascending=False)
-    assert "top 3 completed trials by val_acc_avg" in done.stdout or "top 2" in done.stdout or "top 1" in done.stdout
+    # --top-k 3, at most as many as completed (the baseline always completes: ASHA never stops it)
+    assert f"top {min(3, len(best))} completed trials by val_acc_avg" in done.stdout and len(best) >= 1
     assert best["trial_id"].iloc[0] in done.stdout
     written = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
     assert list(written["trial_id"]) == list(table["trial_id"])

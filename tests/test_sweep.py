@@ -204,7 +204,11 @@ def test_asha_stops_a_trial_early_and_optuna_records_it_pruned(ray_session, tmp_
         assert trial.intermediate_values[2] == pytest.approx(row["val_acc_avg"])
     tags = {run.data.tags["trial_id"]: run.data.tags["trial_status"] for run in child_runs(outcome)}
     assert all(tags[r["trial_id"]] == "stopped_early" for r in stopped)
-    assert outcome.best is None or outcome.best["status"] == "completed"
+    # ASHA never stops the baseline, so a completed trial exists and the best is the best completed one
+    completed = [r for r in outcome.rows if r["status"] == "completed"]
+    assert any(r["baseline"] for r in completed)
+    assert outcome.best is not None and outcome.best["trial_id"] in {r["trial_id"] for r in completed}
+    assert outcome.best["val_acc_avg"] == max(r["val_acc_avg"] for r in completed)
 
 
 def test_diverging_trials_end_as_diverged_under_asha_without_failing_the_sweep(ray_session, tmp_path):
