@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
           f"of a run, start to exit; median of {args.repeats} round(s); load average before: "
           f"{os.getloadavg()[0]:.1f}")
     times: dict[str, list[float]] = {name: [] for name in scenarios}
-    for _ in range(args.repeats):   # rounds: a drifting machine slows every scenario alike
+    for round_ in range(args.repeats):   # rounds: a drifting machine slows every scenario alike
         for name, (build, which) in scenarios.items():
             walls = run_together(build(), cpus)
             times[name].append(max(walls) if which is None else walls[which])
+            print(f"    round {round_ + 1}: {name:<40} {times[name][-1]:7.1f} s", flush=True)
     median = {name: statistics.median(values) for name, values in times.items()}
     for name, value in median.items():
         spread = f"  ({', '.join(f'{v:.1f}' for v in times[name])})" if args.repeats > 1 else ""
