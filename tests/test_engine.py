@@ -173,7 +173,7 @@ from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
 cfg = BIRConfig(**json.loads(sys.argv[1]))
 e = Engine(cfg)
-e.load_state_dict(torch.load(sys.argv[2], weights_only=False))
+e.load_state_dict(torch.load(sys.argv[2], weights_only=True))
 m = e.train_task()
 print(json.dumps({k: v for k, v in m.items() if k != "time_this_step_s"}))
 """
