@@ -35,3 +35,17 @@ def check_integer(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{flag_name(name)} must be an integer, got {value!r}")
+
+
+def check_creatable_folder(path: str, flag: str, error: type[Exception] = ConfigError) -> None:
+    """`path` is a folder that exists or can be made: its nearest existing ancestor is a writable folder."""
+    import os
+    from pathlib import Path
+
+    existing = Path(path).expanduser().resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path}: {existing} is not writable; choose another {flag}")

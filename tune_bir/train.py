@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrid
 from tune_bir.config import BIRConfig
 from tune_bir.cpu import cpu_threads, quiet_waits
 from tune_bir.errors import ConfigError
+from tune_bir.fields import check_creatable_folder
 from tune_bir.record import git_commit, package_versions
 from tune_bir.terms import check_idle_fields, enabled
 
@@ -80,14 +80,7 @@ def check_outputs(cfg: BIRConfig) -> Path:
     """What a run needs besides its config, checked before any work: the results folder can be made, the
     pre-trained conv layers of a CIFAR run exist, MLflow answers (`--mlflow`). Returns the results folder."""
     results_dir = Path(cfg.results_dir).expanduser().resolve()
-    existing = results_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--results-dir {cfg.results_dir}: {existing} is a file, not a folder; choose another "
-                          "--results-dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--results-dir {cfg.results_dir}: {existing} is not writable; choose another --results-dir")
+    check_creatable_folder(cfg.results_dir, "--results-dir")
     if cfg.protocol_family == "CIFAR" and not Path(cfg.pretrained_conv).expanduser().is_file():
         raise ConfigError(f"pre-trained conv layers not found at {Path(cfg.pretrained_conv).expanduser().resolve()}: "
                           "run `python -m tune_bir.pretrain --experiment CIFAR10` or pass --pretrained-conv PATH")

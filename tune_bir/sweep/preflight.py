@@ -10,13 +10,12 @@ probe is one line naming the address and the fix.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from tune_bir.errors import ServiceUnreachableError
+from tune_bir.fields import check_creatable_folder
 from tune_bir.tracking import CONNECT_TIMEOUT_S, check_mlflow
 
 __all__ = ["CONNECT_TIMEOUT_S", "STORAGE_TIMEOUT_S", "ServiceUnreachableError", "check_mlflow", "check_ray_address",
@@ -60,16 +59,7 @@ def check_storage(storage_path: str, timeout: float = STORAGE_TIMEOUT_S) -> None
 
 
 def _check_local_storage(storage_path: str) -> None:
-    path = Path(storage_path).expanduser().resolve()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ServiceUnreachableError(f"--storage-path {storage_path}: {existing} is a file, not a folder; "
-                                      "choose another --storage-path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ServiceUnreachableError(f"--storage-path {storage_path}: {existing} is not writable; "
-                                      "choose another --storage-path")
+    check_creatable_folder(storage_path, "--storage-path", ServiceUnreachableError)
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
