@@ -17,6 +17,7 @@ import torch
 from trainables import BIRTrainable, data_cache, first_task_cache
 from trainables.bir import CHECKPOINT_FILE
 from trainables.node_cache import CACHE_DIR_ENV, content_digest
+from tune_bir.augment import AuxDecoder
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
@@ -246,6 +247,28 @@ def test_damaged_conv_layer_files_are_refused_in_one_line(tmp_path):
     torch.save({"state": dict.fromkeys(ConvLayers().state_dict(), "x")}, state_of_strings)
     with pytest.raises(ConfigError, match="does not hold a state dict"):
         load_conv_layers(state_of_strings, torch.device("cpu"))
+
+
+def test_a_trained_auxiliary_decoder_of_another_shape_is_refused_in_one_line(tmp_path, fake_cifar_dir):
+    """A conv file whose stored auxiliary decoder does not fit ours (another version of `pretrain`): the engine
+    stops with one line naming the file and the mismatch, not torch's multi-line load_state_dict report."""
+    conv = tmp_path / "conv.pt"
+    aux = AuxDecoder().state_dict()
+    first = next(iter(aux))
+    aux[first] = torch.zeros(*(n + 1 for n in aux[first].shape))
+    torch.save({"state": ConvLayers().state_dict(), "aux_decoder": aux}, conv)
+    cfg = BIRConfig(experiment="CIFAR100", data_dir=str(fake_cifar_dir), pretrained_conv=str(conv), tasks=2,
+                    replay="generative", brain_inspired=True, si=True, c=1e8, dg_prop=0.6, iters=2, batch=8,
+                    fc_units=64, device="cpu", contrastive=True, aux_decoder="trained")
+    with pytest.raises(ConfigError) as err:
+        Engine(cfg)
+    _assert_one_line_naming(err, conv, "does not match the auxiliary decoder")
+    assert first in str(err.value)
+    torch.manual_seed(5)
+    trained = AuxDecoder().state_dict()
+    torch.save({"state": ConvLayers().state_dict(), "aux_decoder": trained}, conv)
+    loaded = [term.aux_decoder.state_dict() for term in Engine(cfg).terms if hasattr(term, "aux_decoder")]
+    assert len(loaded) == 1 and all(torch.equal(loaded[0][k], v) for k, v in trained.items())
 
 
 # ---- the task-1 learner cache is keyed by the conv file's content

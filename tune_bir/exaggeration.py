@@ -294,9 +294,10 @@ class ContrastiveReplay(ExaggerationTerm):
             self.head = linear(model.spec.hidden_sizes[-1], PROJECTION_SIZE).to(device)
             self.aux_decoder = AuxDecoder().to(device).eval().requires_grad_(False) if conv is not None else None
         if self.aux_decoder is not None and cfg.aux_decoder == "trained":
-            from tune_bir.nets import load_aux_decoder
+            from tune_bir.nets import load_aux_decoder, load_matching_state
 
-            self.aux_decoder.load_state_dict(load_aux_decoder(cfg.pretrained_conv, device))
+            load_matching_state(self.aux_decoder, load_aux_decoder(cfg.pretrained_conv, device),
+                                cfg.pretrained_conv, "the auxiliary decoder")
         self.optimizer = adam(list(model.fcE.parameters()) + list(self.head.parameters()), cfg.c_lr, device)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 

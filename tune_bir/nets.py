@@ -115,18 +115,26 @@ def load_conv_layers(path: str | Path, device: torch.device) -> ConvLayers:
     blob = load_torch_file(path, "pre-trained conv layers", map_location=device, verify=True)
     state = blob.get("state", blob) if isinstance(blob, dict) else None
     conv = ConvLayers()
+    load_matching_state(conv, state, path, "the conv layers C3-5x16-bn")
+    return conv.to(device).freeze()
+
+
+def load_matching_state(module: nn.Module, state: object, path: str | Path, name: str) -> None:
+    """Load `state` (read from `path`) into `module` named `name`, or a one-line ConfigError naming the
+    first mismatch instead of torch's multi-line key/shape report."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{path} does not hold a state dict of the conv layers C3-5x16-bn")
-    expected = conv.state_dict()
+        raise ConfigError(f"{path} does not hold a state dict of {name}")
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong_shape:
         detail = (f"missing {missing[:3]}" if missing else
-                  f"unexpected {unexpected[:3]}" if unexpected else f"wrong shapes {wrong_shape[:3]}")
-        raise ConfigError(f"{path} does not match the conv layers C3-5x16-bn ({detail})")
-    conv.load_state_dict(state)
-    return conv.to(device).freeze()
+                  f"unexpected {unexpected[:3]}" if unexpected else
+                  f"wrong shapes {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong_shape[:2]]}")
+        raise ConfigError(f"{path} does not match {name} ({detail}): was it written by another version? "
+                          "re-run `python -m tune_bir.pretrain`")
+    module.load_state_dict(state)
 
 
 def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
