@@ -282,6 +282,8 @@ CASES: list[Case] = [
          "a grace period beyond the last task"),
     case("sweep-reduction-factor", S, "--reduction-factor 1", "--reduction-factor must be > 1",
          "ASHA that keeps everyone"),
+    case("sweep-share-first-task-with-segments", S, "--share-first-task --iters 20 --segment-iters 5",
+         ["--share-first-task", "--segment-iters=5", "drop one"], "sharing a whole task 1 with segmented steps"),
     case("sweep-num-samples", S, "--num-samples 0", "--num-samples must be >= 1", "a sweep of no trial"),
     case("sweep-max-concurrent", S, "--max-concurrent 0", "--max-concurrent must be >= 1", "no trial at a time"),
     case("sweep-cpus-per-trial", S, "--cpus-per-trial 0", "--cpus-per-trial must be > 0", "a trial without CPU"),

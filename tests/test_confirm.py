@@ -33,6 +33,13 @@ def test_tpe_models_small_sweeps_after_a_few_random_trials(tmp_path):
     assert p.options.startup_trials == 2 and p.to_json()["optuna"]["n_startup_trials"] == 2
 
 
+def test_a_segmented_sweep_does_not_share_task_1_and_says_so_in_its_plan(tmp_path):
+    argv = ["--iters", "20", "--segment-iters", "5", "--storage-path", str(tmp_path)]
+    assert plan_from_args(build_parser().parse_args(argv), argv).to_json()["cli"]["args"]["share_first_task"] is False
+    argv = ["--iters", "20", "--segment-iters", "20", "--storage-path", str(tmp_path)]
+    assert plan_from_args(build_parser().parse_args(argv), argv).options.share_first_task is True
+
+
 def test_sweep_plan_round_trips_through_sweep_json(tmp_path):
     p = plan_from_args(build_parser().parse_args(["--space", "recon", "--iters", "40", "--seeds-per-trial", "2",
                                                   "--storage-path", str(tmp_path), "--name", "x"]))

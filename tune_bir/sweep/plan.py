@@ -138,7 +138,8 @@ def build_parser() -> OneLineArgumentParser:
                         "included (default: a quarter of --num-samples, between 3 and 10)")
     s.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=d.share_first_task,
                    help="train task 1 once per node and let the other trials adopt it: exaggeration acts from "
-                        "task 2 on, so every trial's task 1 is the same (bit-identical; default: on)")
+                        "task 2 on, so every trial's task 1 is the same (bit-identical; default: on, off with "
+                        "--segment-iters below --iters, whose steps train part of a task)")
     s.add_argument("--time-budget", type=float, default=d.time_budget, metavar="SECONDS",
                    help="stop the sweep after this many seconds")
     s.add_argument("--max-failures", type=int, default=d.max_failures,
@@ -336,6 +337,12 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
         trial_base["pretrained_conv"] = str(Path(resolved.pretrained_conv).expanduser().resolve())
     seg = resolved.segment_iters
     segments_per_task = 1 if seg <= 0 else math.ceil(resolved.iters / seg)
+    if segments_per_task > 1 and options.share_first_task:
+        # a shared task 1 is adopted whole, while each step of a segmented trial trains part of a task
+        if "share_first_task" in given_options(argv):
+            raise ConfigError(f"--share-first-task adopts task 1 whole, but --segment-iters={seg} splits each task "
+                              f"into {segments_per_task} steps: drop one of them")
+        options.share_first_task = False
     name = options.name or f"{space.name}-{resolved.experiment}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     options.name = name
     folder = SweepFolder.at(options.storage_path, name)
