@@ -8,10 +8,12 @@ dashboard (off; on 127.0.0.1 when asked for).
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +68,28 @@ def test_a_ray_address_where_nothing_listens(tmp_path):
     out, elapsed = run_sweep_cli(tmp_path, "--address", f"127.0.0.1:{port}", *local_store(tmp_path))
     assert_failed_fast_creating_nothing(out, elapsed, tmp_path, f"127.0.0.1:{port}", "ray start --head",
                                         "drop --address")
+
+
+def test_a_ray_address_that_takes_connections_but_never_answers(tmp_path, silent_port):
+    # ray.init would retry such a port for minutes; the HTTP/2 handshake of the probe gets no answer
+    out, elapsed = run_sweep_cli(tmp_path, "--address", f"127.0.0.1:{silent_port}", *local_store(tmp_path))
+    assert_failed_fast_creating_nothing(out, elapsed, tmp_path, f"127.0.0.1:{silent_port}",
+                                        "does not answer as a Ray cluster", "drop --address")
+
+
+def test_a_ray_address_where_another_kind_of_server_answers(tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out, elapsed = run_sweep_cli(tmp_path, "--address", f"127.0.0.1:{server.server_port}", *local_store(tmp_path))
+    finally:
+        server.shutdown()
+    assert_failed_fast_creating_nothing(out, elapsed, tmp_path, "does not answer as a Ray cluster", "port 6379")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def test_address_auto_resolves_ray_address_like_ray_does(tmp_path):

@@ -10,6 +10,7 @@ probe is one line naming the address and the fix.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def _host_port(target: str, address: str) -> tuple[str, int]:
 
 
 def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Something listens at the Ray cluster's GCS address (a TCP connect, bounded in time)."""
+    """Something listens at the Ray cluster's GCS address and answers as a gRPC server (a TCP connect and an
+    HTTP/2 handshake, each bounded in time)."""
     gcs = ray_gcs_address(address)
     shown = address if address != "auto" else "auto (RAY_ADDRESS, or the last `ray start` on this machine)"
     if gcs is None:
@@ -107,13 +109,48 @@ def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                                       "--head) or give the head's HOST:PORT, or drop --address to start Ray here")
     host, port = gcs
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            answers_grpc = _answers_http2(conn) if not _ray_uses_tls() else True
     except OSError as err:
         reason = f"no answer within {timeout:g} s" if isinstance(err, TimeoutError | socket.timeout) else (
             err.strerror or str(err))
-        resolved = f" ({host}:{port})" if f"{host}:{port}" not in address else ""
         raise ServiceUnreachableError(
-            f"cannot reach the Ray cluster at --address {address}{resolved}: {reason}; start it (ray start --head "
-            f"--port={port}) or give the address of a running cluster (ray status on its head), "
-            "or drop --address to start Ray here") from None
+            f"cannot reach the Ray cluster at --address {address}{_resolved(host, port, address)}: {reason}; "
+            f"start it (ray start --head --port={port}) or give the address of a running cluster (ray status "
+            "on its head), or drop --address to start Ray here") from None
+    if not answers_grpc:
+        # ray.init would wait for minutes on a port that takes connections but is not a GCS
+        raise ServiceUnreachableError(
+            f"--address {address}{_resolved(host, port, address)} accepts connections but does not answer as a Ray "
+            "cluster (its GCS "
+            f"speaks gRPC); give the head's GCS address (ray status on the head prints it; port 6379 by default), "
+            "or drop --address to start Ray here")
+
+
+def _resolved(host: str, port: int, address: str) -> str:
+    return f" ({host}:{port})" if f"{host}:{port}" not in address else ""
+
+
+# A client opens HTTP/2 (hence gRPC) with this preface and a SETTINGS frame; the server must answer with a
+# SETTINGS frame of its own (RFC 9113, section 3.4): 9-byte header, type 0x4 at byte 3.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server on `conn` answers the HTTP/2 client preface with a SETTINGS frame (within its timeout)."""
+    try:
+        conn.sendall(_HTTP2_PREFACE)
+        header = b""
+        while len(header) < 9:
+            chunk = conn.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except OSError:   # no answer within the timeout, or the connection was reset
+        return False
+    return header[3] == 0x4
+
+
+def _ray_uses_tls() -> bool:
+    """Ray's TLS mode (RAY_USE_TLS): the GCS then expects a TLS handshake first, which this probe does not do."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
