@@ -30,6 +30,27 @@ def session_node_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield path
 
 
+@pytest.fixture(scope="module")
+def ray_session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One local Ray for a test module (2 CPUs, no GPU, no dashboard, a small object store), its workers on a
+    node cache of the module's own; yields that cache folder."""
+    import ray
+
+    cache = tmp_path_factory.mktemp("node-cache")
+    env = {CACHE_DIR_ENV: str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # Ray's socket paths must stay short: /tmp/r<module-initial><pid>
+    temp_dir = f"/tmp/r{request.module.__name__.rsplit('.', 1)[-1].removeprefix('test_')[:2]}{os.getpid()}"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
+                 _temp_dir=temp_dir)
+        try:
+            yield cache
+        finally:
+            ray.shutdown()
+
+
 def _dump(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tests import sweep_helpers
@@ -81,17 +78,6 @@ def test_bad_confirmations_are_one_line_errors_before_anything_starts(tmp_path, 
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []     # no Ray results, no MLflow store
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("node-cache")
-    env = {"TUNE_BIR_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    with mock.patch.dict(os.environ, env):
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
-                 _temp_dir=f"/tmp/rc{os.getpid()}")
-        yield cache
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

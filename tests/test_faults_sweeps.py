@@ -10,10 +10,8 @@ import signal
 import threading
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tests.sweep_helpers import child_runs
@@ -22,18 +20,6 @@ from tune_bir.sweep.driver import run_sweep
 pytestmark = pytest.mark.slow
 
 TINY = ["--batch", "32", "--seed", "0"]
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One local Ray (2 CPUs, no GPU, no dashboard) for the module, with a node cache of its own."""
-    cache = tmp_path_factory.mktemp("node-cache")
-    env = {"TUNE_BIR_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    with mock.patch.dict(os.environ, env):
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
-                 _temp_dir=f"/tmp/rf{os.getpid()}")
-        yield cache
-        ray.shutdown()
 
 
 def store(tmp_path: Path, name: str) -> list[str]:

@@ -7,11 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import optuna
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tests import sweep_helpers
@@ -22,18 +20,6 @@ from tune_bir.sweep.plan import PROG
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
 TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task"}
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One local Ray (2 CPUs, no GPU) for the module; a fresh node data cache its workers inherit."""
-    cache = tmp_path_factory.mktemp("node-cache")
-    env = {"TUNE_BIR_CACHE_DIR": str(cache), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    with mock.patch.dict(os.environ, env):
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
-                 _temp_dir=f"/tmp/rs{os.getpid()}")
-        yield cache
-        ray.shutdown()
 
 
 class CallCounter:
