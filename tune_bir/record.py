@@ -21,11 +21,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
-    """Commit of the checkout holding this package (None for an installed wheel or without git)."""
+    """Commit of the checkout holding this package, with "-dirty" when tracked files differ from it (the run's
+    code is then not that commit's); None for an installed wheel or without git."""
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=False)
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        changed = subprocess.run(["git", "-C", str(where), "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                                 timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return head.stdout.strip() + ("-dirty" if changed.returncode == 1 else "")
