@@ -3,7 +3,8 @@
 
 The transforms are kornia's; every random decision is drawn from a dedicated torch.Generator seeded
 once from the run seed, so the global RNG is never reseeded or consumed by augmentation
-(difference "seed-once", docs/algorithm.md).
+(difference "seed-once", docs/algorithm.md). kornia is imported where a view is made: the engine and every run
+without contrastive replay or --not-hidden work without it (a GPU machine may lack it, docs/architecture.md "GPU").
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-from kornia.color import rgb_to_grayscale
-from kornia.geometry.transform import crop_and_resize, hflip
 from torch import nn
 
 MINMAX_EPS = 1e-8  # constant maps must not divide by zero (difference "minmax-eps", docs/algorithm.md)
@@ -30,6 +29,8 @@ def _boxes(x0: torch.Tensor, y0: torch.Tensor, w: torch.Tensor, h: torch.Tensor)
 
 
 def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    from kornia.geometry.transform import hflip
+
     flip = _bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1)
     return torch.where(flip, hflip(x), x)
 
@@ -37,6 +38,8 @@ def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch
 def random_resized_crop(x: torch.Tensor, p: float, scale: tuple[float, float],
                         generator: torch.Generator) -> torch.Tensor:
     """Per sample with probability p: crop a random area share in `scale` (aspect 3/4..4/3), resize back."""
+    from kornia.geometry.transform import crop_and_resize
+
     n, _, H, W = x.shape
     dev = x.device
     area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * H * W
@@ -60,6 +63,8 @@ def random_channel_shuffle(x: torch.Tensor, p: float, generator: torch.Generator
 
 def random_crop_batch(x: torch.Tensor, size: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """With probability p decided once for the batch: a random size x size crop of every sample."""
+    from kornia.geometry.transform import crop_and_resize
+
     if not bool(_bernoulli(1, p, generator, x.device).cpu()):  # one draw per batch; batch shape depends on it
         return x
     n, _, H, W = x.shape
@@ -70,6 +75,8 @@ def random_crop_batch(x: torch.Tensor, size: int, p: float, generator: torch.Gen
 
 
 def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    from kornia.color import rgb_to_grayscale
+
     gray = rgb_to_grayscale(x).expand_as(x)
     return torch.where(_bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1), gray, x)
 

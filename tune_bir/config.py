@@ -28,7 +28,8 @@ DIVERGENCE_NAMES = ("kl", "js", "js_ref")
 REP_TARGETS = ("prior", "sample", "class_mean")
 CONTR_GRAD_MODES = ("separate", "reference")
 AUX_DECODERS = ("random", "trained")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,12 @@ class BIRConfig:
                               "trains whole tasks and refuses it")
     grad_clip: float = _opt(0.0, "max gradient norm of the main step, 0 = off")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = _opt("fp32", "arithmetic of the training passes: fp32 (as the original), or bf16 autocast "
-                          "(mixed precision: weights, optimiser, SI and evaluation stay fp32)", choices=PRECISIONS)
+    precision: str = _opt("fp32", "arithmetic of the training passes: fp32 (as the original), tf32 (fp32 matrix "
+                          "products on a CUDA GPU's TF32 units; fp32 on the CPU) or bf16 autocast (mixed precision: "
+                          "weights, optimiser, SI and evaluation stay fp32)", choices=PRECISIONS)
+    compile: str = _opt("off", "torch.compile the VAE pass of the training step: off, default, or reduce-overhead "
+                        "(CUDA graphs on a GPU); close to, not bit-identical with, the eager numbers",
+                        choices=COMPILE_MODES)
     # -- model
     fc_units: int | None = _opt(None, "units of the fully connected layers (default 400 MNIST, 2000 CIFAR)")
     fc_layers: int = _opt(3, "fully connected layers (encoder has fc_layers - 1 hidden layers)")

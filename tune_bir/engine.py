@@ -10,6 +10,7 @@ step and knows none of them by name. No Ray and no MLflow in here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -26,6 +27,7 @@ from tune_bir.config import BIRConfig
 from tune_bir.data import Protocol, Split, load_protocol
 from tune_bir.errors import ConfigError
 from tune_bir.exaggeration import ReplayBatch, ReplayState
+from tune_bir.generators import restore_generator
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, adam, load_conv_layers
 from tune_bir.si import SynapticIntelligence
@@ -57,6 +59,33 @@ def check_precision(precision: str, device: torch.device) -> None:
     """bf16 autocast needs a CUDA device that supports it (the CPU always does, natively or emulated)."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch's float32 matmul precision ("highest" | "high" = TF32 | "medium") inside the block, restored after:
+    `--precision tf32` must not leak into evaluation or into other code of the process."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def tf32_matmuls(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`--precision tf32`: float32 matrix products on a CUDA device's TF32 units inside the block; elsewhere (and
+    on the CPU, which has no TF32 units) nothing changes."""
+    if precision == "tf32" and device.type == "cuda":
+        return float32_matmul_precision("high")
+    return contextlib.nullcontext()
+
+
+def compiled(fn: Callable, mode: str) -> Callable:
+    """`fn` itself (`--compile off`), or torch.compile of it in that mode (reduce-overhead: CUDA graphs on a GPU)."""
+    if mode == "off":
+        return fn
+    return torch.compile(fn, mode=mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +136,24 @@ class VAEPass:
     raw: torch.Tensor          # decoder output before its non-linearity (`BIRModel.activate` gives the reconstruction)
     recon_loss: torch.Tensor   # [N] reconstruction loss
     variational: torch.Tensor  # [N] (log q(z|h) - log p(z)) / image pixels
+
+
+def vae_forward(model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, eps: torch.Tensor, n_active: int,
+                image_pixels: int, recon_loss_from_raw: Callable) -> tuple[torch.Tensor, ...]:
+    """The VAE pass as a pure function of its inputs (the noise `eps` drawn by the caller), so that torch.compile
+    can take it whole: encoder features, posterior, decoder output, per-sample reconstruction and variational
+    terms (docs/algorithm.md "Losses")."""
+    e = model.encode(h)
+    mu, logvar = model.posterior(e)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    raw = model.decode_raw(z, class_weights if model.gated else None)
+    if model.spec.gmm_prior:
+        log_prior = losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
+                                        class_weights[:, :n_active])
+    else:
+        log_prior = losses.log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
+    variational = losses.variational_per_sample(z, mu, logvar, log_prior, image_pixels)
+    return e, mu, logvar, raw, recon_loss_from_raw(h, raw), variational
 
 
 @dataclass
@@ -250,6 +297,7 @@ class Engine:
             raise ConfigError(f"--batch={cfg.batch} exceeds the {smallest} training samples of a task")
         self.recon_loss = losses.RECON_LOSSES[cfg.recon_loss]
         self.recon_loss_from_raw = losses.RECON_LOSSES_FROM_RAW[cfg.recon_loss]
+        self._vae_forward = compiled(vae_forward, cfg.compile)
 
         generative = cfg.replay == "generative"
         decoder_out = "sigmoid" if cfg.recon_loss == "BCE" else "linear"
@@ -354,6 +402,12 @@ class Engine:
         self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
 
     def _train_iteration(self, h: torch.Tensor, y: torch.Tensor, t: int) -> None:
+        if self.cfg.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs are no longer read
+        with tf32_matmuls(self.cfg.precision, self.device):   # the backward pass's products too
+            self._train_step(h, y, t)
+
+    def _train_step(self, h: torch.Tensor, y: torch.Tensor, t: int) -> None:
         # autocast wraps the forward passes only; backward and the optimisers run outside it
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             objectives = self._objectives(h, y, t)
@@ -426,20 +480,11 @@ class Engine:
 
     def _vae_pass(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> VAEPass:
         """One pass through encoder, latent and decoder, with per-sample reconstruction / variational terms."""
-        e = model.encode(h)
-        mu, logvar = model.posterior(e)
-        z = model.reparameterise(mu, logvar, self.rng)
-        raw = model.decode_raw(z, class_weights if model.gated else None)
-        log_prior = self._log_prior(model, z, class_weights, n_active)
-        variational = losses.variational_per_sample(z, mu, logvar, log_prior, self.data.image_pixels)
-        return VAEPass(e, mu, logvar, raw, self.recon_loss_from_raw(h, raw), variational)
-
-    @staticmethod
-    def _log_prior(model: BIRModel, z: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> torch.Tensor:
-        if not model.spec.gmm_prior:
-            return losses.log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
-        return losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
-                                   class_weights[:, :n_active])
+        # the reparameterisation noise, drawn before the pass: nothing else draws from the engine generator in
+        # between, so the numbers are those of drawing it inside (`BIRModel.reparameterise`)
+        eps = model.latent_noise(len(h), self.rng, h.device)
+        return VAEPass(*self._vae_forward(model, h, class_weights, eps, n_active, self.data.image_pixels,
+                                          self.recon_loss_from_raw))
 
     def _feedback_loss(self, h, y, target, cols, rnt, replay, t
                        ) -> tuple[torch.Tensor, tuple[ExaggerationTerm, torch.Tensor] | None]:
@@ -660,11 +705,13 @@ class Engine:
             self.sampler = BatchSampler(len(train.y), self.cfg.batch, self.rng, self.device)
             self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
-        self.rng.set_state(rng["engine"])
-        self.exaggeration_rng.set_state(rng["exaggeration"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # generator states are CPU byte tensors (map_location may have moved them); a GPU's cannot continue a CPU
+        # generator or the reverse: those streams are reseeded (docs/architecture.md "GPU")
+        restore_generator(self.rng, rng["engine"])
+        restore_generator(self.exaggeration_rng, rng["exaggeration"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.acc_history = [list(r) for r in state["acc_history"]]
         self.val_acc_history = [list(r) for r in state["val_acc_history"]]
 

@@ -22,6 +22,7 @@ from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_integer, check_positive
+from tune_bir.generators import restore_generator
 from tune_bir.nets import adam, linear
 from tune_bir.terms import ExaggerationTerm, MainStep, TermContext, register
 
@@ -373,7 +374,7 @@ class ContrastiveReplay(ExaggerationTerm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        restore_generator(self.generator, state["generator"])
         if self.aux_decoder is not None:
             self.aux_decoder.load_state_dict(state["aux_decoder"])
 

@@ -98,6 +98,10 @@ class BIRModel(nn.Module):
                           dtype=torch.promote_types(mu.dtype, torch.float32))
         return mu + torch.exp(0.5 * logvar) * eps
 
+    def latent_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The [n, z_dim] fp32 noise `reparameterise` draws for a pass of n samples (`posterior` is fp32)."""
+        return torch.randn((n, self.spec.z_dim), generator=generator, device=device, dtype=torch.float32)
+
     # -- decoder
     def decode(self, z: torch.Tensor, gate_input: torch.Tensor | None) -> torch.Tensor:
         """Decode z; `gate_input` [N x n_classes] (one-hot or soft class weights) picks the gates."""
