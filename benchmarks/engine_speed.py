@@ -1,39 +1,49 @@
 """Speed of one training step against this machine's FLOP floor, measured in one run
-(docs/architecture.md "Tests and benchmarks").
+(docs/architecture.md "Tests and benchmarks", "GPU").
 
-Prints, for (a) splitMNIST5k BI-R (and BI-R+SI) and (b) CIFAR-100 BI-R+SI on generated
-CIFAR-shaped data: ms per step while replay is active, this machine's fp32 matmul FLOP/s, the
-step's FLOP count from the layer sizes, and step time / FLOP floor; the same with `--precision
-bf16` (mixed precision; its ratio is still to the fp32 floor, and the bf16 matmul rate is printed
-beside it); the step's own matrix products timed alone against the same floor (what the matmul
-library reaches at the model's shapes, the part of step/floor no change to the step can remove);
-the gain from caching the frozen conv layers' features; and the cost of each exaggeration term
-over plain BI-R+SI. Ratios only, no asserts.
+Prints, for (a) splitMNIST5k BI-R (and BI-R+SI) and (b) CIFAR-100 BI-R+SI on generated CIFAR-shaped
+data: ms per step while replay is active, in each precision asked for (fp32, tf32, bf16), this device's
+measured matrix-product rate in each precision, the step's FLOP count from the layer sizes, and step
+time / FLOP floor (the floor at the rate of the step's own precision); optionally the same step under
+torch.compile (`--compile default,reduce-overhead`: inductor, and inductor with CUDA graphs), side by
+side; the step's own matrix products timed alone against the floor (what the matmul library reaches at
+the model's shapes, the part of step/floor no change to the step can remove); the kernels (CUDA) or
+aten ops (CPU) one step launches; the gain from caching the frozen conv layers' features; and the cost
+of each exaggeration term over plain BI-R+SI. Ratios only, no asserts. `--out FILE` writes all of it as
+JSON (device name, torch version, settings), rewritten after each protocol.
 
-This machine's speed drifts by tens of per cent within a minute (shared cores), so each timed
-segment is paired with a matmul-rate probe taken just before it: step/floor is the median over
-segments of (segment's ms per step) / (floor at the rate probed beside it). The best rate of the
-run, the one a quiet machine reaches, is printed too, with the step time against it.
+Timing: on a CPU each timed segment is paired with a matrix-rate probe of its precision taken just before
+it (a shared machine's speed drifts by tens of per cent within a minute), and step/floor is the median
+over segments of (segment's ms per step) / (floor at the rate probed beside it). On a CUDA device steps
+are timed with CUDA events between iterations (the device's own clock; a step that never waits for the
+host is measured as the device runs it), after warm-up segments, medians over rounds.
 
-  python benchmarks/engine_speed.py [--threads N] [--steps N] [--skip-cifar] [--skip-terms] [--skip-bf16]
+  python benchmarks/engine_speed.py [--device cpu|cuda] [--precisions fp32,tf32,bf16] [--compile off,default]
+                                    [--steps N] [--rounds N] [--skip-cifar] [--terms repulsion,...] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # the profiler (--count-ops) prints no start/stop lines
 
-from tune_bir.config import BIRConfig
-from tune_bir.data import Protocol, Split
-from tune_bir.engine import Engine
-from tune_bir.model import ModelSpec
-from tune_bir.nets import ConvLayers
+import torch  # noqa: E402
+
+from tune_bir.config import COMPILE_MODES, PRECISIONS, BIRConfig  # noqa: E402
+from tune_bir.data import Protocol, Split  # noqa: E402
+from tune_bir.engine import Engine, float32_matmul_precision  # noqa: E402
+from tune_bir.model import ModelSpec  # noqa: E402
+from tune_bir.nets import ConvLayers  # noqa: E402
 
 TERMS = {
     "repulsion": dict(repulsion=True, lamda_rep=1e3),
@@ -41,30 +51,80 @@ TERMS = {
     "recon_attraction": dict(recon_attraction=True, lamda_recon_atr=1e-2),
     "contrastive": dict(contrastive=True, c_lr=1e-5),
 }
+# the matrix-rate probe's operand dtype and torch float32 matmul precision, per --precision
+PROBE_DTYPES = {"fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"), "bf16": (torch.bfloat16, None)}
 
 
-def matmul_flops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-`reps` matmul throughput (FLOP/s) on this machine, now."""
-    return MatmulProbe(n, dtype).rate(reps)
+# ---------------------------------------------------------------------------------------------------------------
+# Timing on either device
+
+
+class Clock:
+    """Wall time of work on one device: perf_counter on a CPU, CUDA events (after a synchronize) on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def seconds(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000
+
+    def mark(self) -> float | torch.cuda.Event:
+        """A point in time now: the host clock, or an event in the device's stream (read after the work)."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_between(self, a: float | torch.cuda.Event, b: float | torch.cuda.Event) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1000
 
 
 class MatmulProbe:
-    """A large n x n matmul whose best-of-`reps` throughput gives this machine's FLOP/s at the moment."""
+    """A large n x n matrix product in one precision whose best-of-`reps` throughput gives the device's FLOP/s now."""
 
-    def __init__(self, n: int = 2048, dtype: torch.dtype = torch.float32):
-        self.n = n
-        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        self.a @ self.b   # warm-up: thread pool, packing buffers
+    def __init__(self, device: torch.device, precision: str = "fp32", n: int | None = None):
+        dtype, self.matmul_precision = PROBE_DTYPES[precision]
+        self.n = n or (8192 if device.type == "cuda" else 2048)
+        self.clock = Clock(device)
+        self.best = 0.0
+        self.a = torch.randn(self.n, self.n, dtype=dtype, device=device)
+        self.b = torch.randn(self.n, self.n, dtype=dtype, device=device)
+        self.rate(reps=2)   # warm-up: thread pool, packing buffers, cuBLAS handles and heuristics
+
+    def _product(self) -> None:
+        if self.matmul_precision is None:
+            self.a @ self.b
+            return
+        with float32_matmul_precision(self.matmul_precision):
+            self.a @ self.b
 
     def rate(self, reps: int = 2) -> float:
-        best = min(_timed(lambda: self.a @ self.b) for _ in range(reps))
-        return 2 * self.n**3 / best
+        rate = 2 * self.n**3 / min(self.clock.seconds(self._product) for _ in range(reps))
+        self.best = max(self.best, rate)
+        return rate
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def matmul_flops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`reps` CPU matmul throughput (FLOP/s) now, fp32 or bf16."""
+    return MatmulProbe(torch.device("cpu"), "bf16" if dtype == torch.bfloat16 else "fp32", n).rate(reps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs of a step
 
 
 def linear_layers(spec: ModelSpec) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]:
@@ -104,18 +164,19 @@ def step_flops(spec: ModelSpec, batch: int, batch_replay: int) -> float:
     return gemm_flops(step_gemms(spec, batch, batch_replay))
 
 
-def gemms_alone_ms(gemms: list[tuple[int, int, int]], reps: int = 5) -> float:
-    """ms that the step's own matrix products take, each timed alone (best of `reps`) and summed.
+def gemms_alone_ms(gemms: list[tuple[int, int, int]], device: torch.device, reps: int = 5) -> float:
+    """ms that the step's own fp32 matrix products take, each timed alone (best of `reps`) and summed.
 
     Against the floor, this splits step/floor into what the matmul library reaches at the model's
     shapes and what the rest of the step (autograd, elementwise ops, optimiser) adds.
     """
-    total = 0.0
+    clock, total = Clock(device), 0.0
     for m, k, n in gemms:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
         a @ b
-        total += min(_timed(lambda a=a, b=b: a @ b) for _ in range(reps))
+        total += min(clock.seconds(lambda a=a, b=b: a @ b) for _ in range(reps))
     return 1000 * total
+
 
 def conv_flops(n_images: int, size: int = 32) -> float:
     """Forward FLOPs of the frozen conv layers on n images."""
@@ -126,17 +187,27 @@ def conv_flops(n_images: int, size: int = 32) -> float:
     return float(total * n_images)
 
 
-def timed_segment(engine: Engine, steps: int) -> float:
-    """Median ms per iteration over `steps` iterations of the current task (replay active after task 1)."""
-    stamps: list[float] = []
-    engine.train_segment(steps, on_iteration=lambda: stamps.append(time.perf_counter()))
-    diffs = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-    return 1000 * statistics.median(diffs)
+# ---------------------------------------------------------------------------------------------------------------
+# Variants and their timings
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One engine configuration to time: its flags, precision, compile mode and exaggeration term (if any)."""
+
+    name: str
+    flags: dict
+    precision: str = "fp32"
+    compile: str = "off"
+    term: str | None = None
+
+    def config_flags(self) -> dict:
+        return self.flags | {"precision": self.precision, "compile": self.compile}
 
 
 @dataclass
 class Timing:
-    """ms per step of one variant's segments, each with the fp32 matmul rate probed just before it."""
+    """ms per step of one variant's segments, each with its precision's matmul rate probed just before it."""
 
     ms: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
@@ -150,28 +221,65 @@ class Timing:
         return statistics.median(ms / (1000 * flops / rate) for ms, rate in zip(self.ms, self.rates, strict=True))
 
 
-def interleaved(engines: dict[str, Engine], steps: int, rounds: int) -> tuple[dict[str, Timing], float]:
-    """Each engine's segment timings, measured round-robin, and the best fp32 matmul rate seen in the run.
+def timed_segment(engine: Engine, steps: int, clock: Clock) -> float:
+    """Median ms per iteration over `steps` iterations of the current task (replay active after task 1)."""
+    marks: list = []
+    engine.train_segment(steps, on_iteration=lambda: marks.append(clock.mark()))
+    return 1000 * statistics.median(clock.seconds_between(a, b) for a, b in zip(marks[:-1], marks[1:], strict=True))
 
-    This machine is noisy: timing every variant in each round, each segment right after a matmul
+
+OPS_STEPS = 3
+
+
+def ops_per_step(engine: Engine, steps: int = OPS_STEPS) -> float:
+    """Kernels one step launches on a GPU (aten ops the CPU dispatches at top level, on a CPU), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        engine.train_segment(steps)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    if cuda:
+        count = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        count = sum(1 for e in events if e.name.startswith("aten::")
+                    and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    # the segment's end (evaluation) is counted too when the task ends; budgets leave it inside the task
+    return count / steps
+
+
+def interleaved(engines: dict[str, Engine], variants: dict[str, Variant], steps: int, rounds: int,
+                probes: dict[str, MatmulProbe], clock: Clock) -> dict[str, Timing]:
+    """Each engine's segment timings, measured round-robin, each right after a rate probe of its precision.
+
+    This machine may be noisy: timing every variant in each round, each segment right after a matmul
     probe, keeps both the ratios between variants and the ratio to the floor fair when the load changes.
     """
-    probe = MatmulProbe()
     timings = {name: Timing() for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-            timings[name].rates.append(probe.rate())
-            timings[name].ms.append(timed_segment(engine, steps))
-    best_rate = max(rate for timing in timings.values() for rate in timing.rates)
-    return timings, best_rate
+            timings[name].rates.append(probes[variants[name].precision].rate())
+            timings[name].ms.append(timed_segment(engine, steps, clock))
+    return timings
 
 
-def mnist_engine(steps: int, **flags) -> Engine:
-    cfg = BIRConfig(experiment="splitMNIST5k", replay="generative", brain_inspired=True,
-                    iters=steps + 2, device="cpu", **({"si": True, "c": 0.1} | flags))
-    engine = Engine(cfg)
-    engine.train_segment(None)  # task 1 (no replay) done; task 2 replays
+def trained_to_task_2(engine: Engine, warmup: int) -> Engine:
+    """Train task 1 (no replay), then `warmup` iterations of task 2 (replay; compiles and allocates for its shapes)."""
+    engine.train_segment(None)
+    if warmup:
+        engine.train_segment(warmup)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     return engine
+
+
+def mnist_engine(iters: int, device: str, warmup: int, **flags) -> Engine:
+    cfg = BIRConfig(experiment="splitMNIST5k", replay="generative", brain_inspired=True,
+                    iters=iters, device=device, **({"si": True, "c": 0.1} | flags))
+    return trained_to_task_2(Engine(cfg), warmup)
 
 
 def synthetic_cifar(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Protocol:
@@ -188,29 +296,89 @@ def synthetic_cifar(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Prot
                     test=[split(t, n_test) for t in range(10)], input_normalisation=None)
 
 
-def cifar_engine(steps: int, conv_path: Path, protocol: Protocol, **flags) -> Engine:
+def cifar_engine(iters: int, device: str, warmup: int, conv_path: Path, protocol: Protocol, **flags) -> Engine:
     cfg = BIRConfig(experiment="CIFAR100", replay="generative", brain_inspired=True, si=True, c=1e8,
-                    dg_prop=0.6, iters=steps + 2, device="cpu", pretrained_conv=str(conv_path), **flags)
-    engine = Engine(cfg, protocol=protocol)
-    engine.train_segment(None)
-    return engine
+                    dg_prop=0.6, iters=iters, device=device, pretrained_conv=str(conv_path), **flags)
+    return trained_to_task_2(Engine(cfg, protocol=protocol), warmup)
 
 
-def report(name: str, timing: Timing, flops: float, best_rate: float) -> None:
-    best_floor_ms = 1000 * flops / best_rate
-    print(f"{name:<34} {timing.median_ms:8.1f} ms/step   {flops / 1e9:6.2f} GFLOP   "
-          f"step/floor {timing.floor_ratio(flops):5.2f} (floor at the rate beside each segment); "
-          f"{timing.median_ms / best_floor_ms:5.2f} against the run's best rate (floor {best_floor_ms:.1f} ms)")
+# ---------------------------------------------------------------------------------------------------------------
+# One protocol: build, time, report
 
 
-def report_gemms_alone(gemms: list[tuple[int, int, int]], rounds: int = 3) -> None:
-    """The step's own matrix products timed alone, against the floor at the rate probed beside them."""
-    probe, flops = MatmulProbe(), gemm_flops(gemms)
-    pairs = [(probe.rate(), gemms_alone_ms(gemms)) for _ in range(rounds)]
+def variants_of(base_flags: dict, precisions: list[str], compile_modes: list[str], compile_precisions: list[str],
+                terms: dict, with_bir: bool) -> dict[str, Variant]:
+    """BI-R+SI in each precision (eager), under each compile mode in `compile_precisions`, and with each term
+    (eager, in the first precision)."""
+    first = precisions[0]
+    variants: dict[str, Variant] = {}
+    if with_bir:
+        variants["BI-R"] = Variant("BI-R", base_flags | {"si": False}, first)
+    for precision in precisions:
+        name = "BI-R+SI" if precision == first else f"BI-R+SI {precision}"
+        variants[name] = Variant(name, base_flags, precision)
+        for mode in compile_modes:
+            if mode != "off" and precision in compile_precisions:
+                label = f"BI-R+SI {precision} compile={mode}"
+                variants[label] = Variant(label, base_flags, precision, mode)
+    for term, flags in terms.items():
+        variants[f"+ {term}"] = Variant(f"+ {term}", base_flags | flags, first, term=term)
+    return variants
+
+
+def measure_protocol(label: str, variants: dict[str, Variant], build: Callable[[Variant], Engine],
+                     spec_of: Callable[[Engine], ModelSpec], batch: int, args, device: torch.device,
+                     probes: dict[str, MatmulProbe]) -> dict:
+    """Time every variant of one protocol; print its lines; return its JSON record."""
+    clock = Clock(device)
+    engines = {name: build(variant) for name, variant in variants.items()}
+    timings = interleaved(engines, variants, args.steps, args.rounds, probes, clock)
+    base_name = next(name for name, v in variants.items() if v.name.startswith("BI-R+SI") and v.term is None)
+    base = engines[base_name]
+    spec = spec_of(base)
+    gemms = step_gemms(spec, batch, batch)
+    flops = gemm_flops(gemms)
+    best_rates = {p: max(r for n, t in timings.items() if variants[n].precision == p for r in t.rates)
+                  for p in {v.precision for v in variants.values()}}
+    record: dict = {"batch": batch, "batch_replay": batch, "step_gflop": flops / 1e9, "variants": {}}
+    print(f"{label}: {flops / 1e9:.2f} GFLOP per step (batch {batch} + replay {batch})")
+    for name, variant in variants.items():
+        timing = timings[name]
+        ratio = timing.floor_ratio(flops)
+        best_floor_ms = 1000 * flops / best_rates[variant.precision]
+        entry = {"precision": variant.precision, "compile": variant.compile, "term": variant.term,
+                 "ms_per_step": timing.median_ms, "ms_per_step_rounds": timing.ms,
+                 "matmul_rate_flops_rounds": timing.rates, "step_over_floor": ratio,
+                 "step_over_floor_best_rate": timing.median_ms / best_floor_ms}
+        if args.count_ops:
+            entry["ops_per_step"] = ops_per_step(engines[name])
+        if variant.term is not None:
+            entry["relative_to_bir_si"] = relative(timings, name, base_name)
+        record["variants"][name] = entry
+        extra = (f"   x{entry['relative_to_bir_si']:5.2f} of BI-R+SI" if variant.term else "")
+        ops = f"   {entry['ops_per_step']:6.0f} {'kernels' if device.type == 'cuda' else 'aten ops'}/step" \
+            if "ops_per_step" in entry else ""
+        print(f"    {name:<38} {timing.median_ms:8.2f} ms/step   step/floor {ratio:6.2f} "
+              f"(floor {best_floor_ms:.3f} ms at {variant.precision}){extra}{ops}")
+    alone = gemms_alone_report(gemms, device, probes["fp32"] if "fp32" in probes else None)
+    if alone is not None:
+        record["gemms_alone"] = alone
+    del engines
+    return record
+
+
+def gemms_alone_report(gemms: list[tuple[int, int, int]], device: torch.device, probe: MatmulProbe | None,
+                       rounds: int = 3) -> dict | None:
+    """The step's own fp32 matrix products timed alone, against the floor at the rate probed beside them."""
+    if probe is None:
+        return None
+    flops = gemm_flops(gemms)
+    pairs = [(probe.rate(), gemms_alone_ms(gemms, device)) for _ in range(rounds)]
     ms = statistics.median(ms for _, ms in pairs)
     ratio = statistics.median(ms / (1000 * flops / rate) for rate, ms in pairs)
-    print(f"    its {len(gemms)} matrix products alone {ms:8.1f} ms        step/floor {ratio:5.2f} "
+    print(f"    its {len(gemms)} matrix products alone (fp32) {ms:8.2f} ms   step/floor {ratio:5.2f} "
           f"(the matmul library at the model's shapes; the rest of a step is autograd, elementwise ops, optimiser)")
+    return {"count": len(gemms), "ms": ms, "step_over_floor": ratio}
 
 
 def relative(timings: dict[str, Timing], name: str, base: str) -> float:
@@ -219,71 +387,135 @@ def relative(timings: dict[str, Timing], name: str, base: str) -> float:
     return statistics.median(a / b for a, b in pairs)
 
 
-def main() -> None:
+def device_record(device: torch.device, threads: int) -> dict:
+    record = {"type": device.type, "torch": torch.__version__, "python": platform.python_version(),
+              "threads": threads}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        record |= {"name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+                   "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30}
+    else:
+        record["name"] = _cpu_name()
+    return record
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what} takes a comma-separated list of {', '.join(allowed)}; got {text!r}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--steps", type=int, default=10, help="iterations per timed segment")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the variants")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed iterations of task 2 before timing (default 2 on a CPU, 10 on a GPU)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated fp32,tf32,bf16 (default fp32,bf16 on a CPU, fp32,tf32,bf16 on a GPU)")
+    parser.add_argument("--compile", default="off",
+                        help="comma-separated compile modes timed beside eager: off, default, reduce-overhead")
+    parser.add_argument("--compile-precisions", default=None,
+                        help="the precisions the compile modes are timed in (default: all of --precisions)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count kernels (GPU) or aten ops (CPU) per step with the profiler")
+    parser.add_argument("--skip-mnist", action="store_true")
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-terms", action="store_true")
-    parser.add_argument("--skip-bf16", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--terms", default=",".join(TERMS), help=f"comma-separated terms to time ({', '.join(TERMS)})")
+    parser.add_argument("--skip-bf16", action="store_true", help="drop bf16 from --precisions")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
     torch.set_num_threads(args.threads)
-    budget = args.steps * args.rounds + 2
-    precisions = {} if args.skip_bf16 else {"BI-R+SI bf16": {"precision": "bf16"}}
-    terms = {} if args.skip_terms else TERMS
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps")
+    cuda = device.type == "cuda"
+    precisions = parse_list(args.precisions or ("fp32,tf32,bf16" if cuda else "fp32,bf16"), PRECISIONS, "precisions")
+    if args.skip_bf16:
+        precisions = [p for p in precisions if p != "bf16"] or ["fp32"]
+    compile_modes = parse_list(args.compile, COMPILE_MODES, "compile")
+    compile_precisions = parse_list(args.compile_precisions, PRECISIONS, "compile-precisions") \
+        if args.compile_precisions else precisions
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    terms = {} if args.skip_terms else {t: TERMS[t] for t in parse_list(args.terms, tuple(TERMS), "terms")}
+    probes = {p: MatmulProbe(device, p) for p in sorted(set(precisions) | {"fp32"})}
+    result: dict = {"device": device_record(device, args.threads),
+                    "settings": {"steps": args.steps, "rounds": args.rounds, "warmup": warmup,
+                                 "precisions": precisions, "compile": compile_modes,
+                                 "compile_precisions": compile_precisions, "terms": list(terms)},
+                    "protocols": {}}
+    print(f"torch {torch.__version__} on {result['device']['name']} ({device.type}), {args.threads} CPU threads, "
+          f"{args.rounds} rounds x {args.steps} steps, warm-up {warmup}")
+    # task 2 never ends inside the timed or profiled steps (its end runs evaluation)
+    iters = warmup + args.steps * args.rounds + (OPS_STEPS if args.count_ops else 0) + 2
 
-    mnist = {"BI-R": {"si": False}, "BI-R+SI": {}} | precisions | terms
-    engines = {name: mnist_engine(budget, **flags) for name, flags in mnist.items()}
-    ms, flop_rate = interleaved(engines, args.steps, args.rounds)
-    flops = step_flops(engines["BI-R"].model.spec, 128, 128)
-    print_rates(flop_rate, precisions)
-    report("(a) splitMNIST5k BI-R", ms["BI-R"], flops, flop_rate)
-    report_gemms_alone(step_gemms(engines["BI-R"].model.spec, 128, 128))
-    report("    splitMNIST5k BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
-    for name in precisions:
-        report(f"    splitMNIST5k {name}", ms[name], flops, flop_rate)
-    print_terms(ms, terms)
-    del engines
+    def write() -> None:
+        result["matmul_rate_flops"] = {p: probe.best for p, probe in probes.items()}
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, allow_nan=False))
 
-    if args.skip_cifar:
-        return
-    protocol = synthetic_cifar()
-    with tempfile.TemporaryDirectory() as tmp:
-        conv_path = Path(tmp) / "conv.pt"
-        torch.save({"state": ConvLayers().state_dict()}, conv_path)
-        steps, rounds = max(args.steps // 2, 3), args.rounds
-        cifar = {"BI-R+SI": {}} | precisions | terms
-        engines = {name: cifar_engine(steps * rounds + 2, conv_path, protocol, **flags)
-                   for name, flags in cifar.items()}
-        ms, flop_rate = interleaved(engines, steps, rounds)
-        base, base_ms = engines["BI-R+SI"], ms["BI-R+SI"].median_ms
-        flops = step_flops(base.model.spec, 256, 256)
-        print_rates(flop_rate, precisions)
-        report("(b) CIFAR-100 BI-R+SI", ms["BI-R+SI"], flops, flop_rate)
-        report_gemms_alone(step_gemms(base.model.spec, 256, 256))
-        for name in precisions:
-            report(f"    CIFAR-100 {name}", ms[name], flops, flop_rate)
-        images = torch.randn(256, 3, 32, 32)
-        with torch.no_grad():
-            base.conv(images)
-            conv_ms = 1000 * statistics.median(_timed(lambda: base.conv(images)) for _ in range(5))
-        print(f"    conv layers on 256 images: {conv_ms:.1f} ms ({conv_flops(256) / 1e9:.2f} GFLOP); caching "
-              f"the frozen features makes a step x{(base_ms + conv_ms) / base_ms:.2f} faster")
-        print_terms(ms, terms)
+    print_rates(probes)
+    if not args.skip_mnist:
+        variants = variants_of({}, precisions, compile_modes, compile_precisions, terms, with_bir=True)
+        result["protocols"]["splitMNIST5k"] = measure_protocol(
+            "(a) splitMNIST5k", variants,
+            lambda v: mnist_engine(iters, args.device, warmup, **v.config_flags()),
+            lambda e: e.model.spec, 128, args, device, probes)
+        write()
+
+    if not args.skip_cifar:
+        protocol = synthetic_cifar()
+        with tempfile.TemporaryDirectory() as tmp:
+            conv_path = Path(tmp) / "conv.pt"
+            torch.save({"state": ConvLayers().state_dict()}, conv_path)
+            variants = variants_of({}, precisions, compile_modes, compile_precisions, terms, with_bir=False)
+            record = measure_protocol(
+                "(b) CIFAR-100", variants,
+                lambda v: cifar_engine(iters, args.device, warmup, conv_path, protocol, **v.config_flags()),
+                lambda e: e.model.spec, 256, args, device, probes)
+            record["conv_cache"] = conv_cache_gain(conv_path, device, record)
+            result["protocols"]["CIFAR100"] = record
+        write()
+    write()
+    print_rates(probes)
+    return result
 
 
-def print_rates(fp32_rate: float, precisions: dict) -> None:
-    line = f"fp32 matmul {fp32_rate / 1e9:.1f} GFLOP/s (best probe of the run)"
-    if precisions:
-        line += f"; bf16 matmul {matmul_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s"
-    print(line)
+def conv_cache_gain(conv_path: Path, device: torch.device, record: dict) -> dict:
+    """The frozen conv layers on one batch of images, against the cached-feature step."""
+    from tune_bir.nets import load_conv_layers
+
+    conv = load_conv_layers(str(conv_path), device)
+    images = torch.randn(256, 3, 32, 32, device=device)
+    clock = Clock(device)
+    with torch.no_grad():
+        conv(images)
+        conv_ms = 1000 * statistics.median(clock.seconds(lambda: conv(images)) for _ in range(5))
+    base_ms = record["variants"]["BI-R+SI"]["ms_per_step"]
+    print(f"    conv layers on 256 images: {conv_ms:.2f} ms ({conv_flops(256) / 1e9:.2f} GFLOP); caching the "
+          f"frozen features makes a step x{(base_ms + conv_ms) / base_ms:.2f} faster")
+    return {"conv_ms": conv_ms, "conv_gflop": conv_flops(256) / 1e9, "speedup": (base_ms + conv_ms) / base_ms}
 
 
-def print_terms(ms: dict[str, Timing], terms: dict) -> None:
-    for name in terms:
-        print(f"    + {name:<28} {ms[name].median_ms:8.1f} ms/step   x{relative(ms, name, 'BI-R+SI'):5.2f} of BI-R+SI")
+def print_rates(probes: dict[str, MatmulProbe]) -> None:
+    print("matrix-product rate (best probe so far): " + "; ".join(
+        f"{p} matmul {probe.best / 1e9:.1f} GFLOP/s" for p, probe in probes.items()))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """The benchmarks stay runnable, and the sweep-efficiency arithmetic matches Ray's own ASHA."""
 
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from ray.tune.schedulers import ASHAScheduler
 
 from benchmarks.engine_speed import step_flops, step_gemms
@@ -28,15 +32,70 @@ def test_asymptotic_ratio_by_hand():
     assert asymptotic_ratio(2, 4, 10) == pytest.approx((2 + 6 / 4 + 2 / 16) / 10)
 
 
-def test_engine_speed_benchmark_prints_its_ratios():
+def test_engine_speed_benchmark_prints_and_writes_its_ratios(tmp_path):
+    out_file = tmp_path / "speed.json"
     out = subprocess.run([sys.executable, "benchmarks/engine_speed.py", "--steps", "2", "--rounds", "1",
-                          "--skip-cifar", "--skip-terms", "--threads", "1"],
+                          "--skip-cifar", "--terms", "repulsion", "--threads", "1", "--precisions", "fp32,tf32,bf16",
+                          "--count-ops", "--out", str(out_file)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
-    for label in ("(a) splitMNIST5k BI-R ", "splitMNIST5k BI-R+SI ", "splitMNIST5k BI-R+SI bf16"):
-        line = next(line for line in out.splitlines() if label in line)
-        assert "ms/step" in line and "step/floor" in line
-    assert "fp32 matmul" in out and "bf16 matmul" in out
+    for label in ("    BI-R ", "    BI-R+SI ", "    BI-R+SI tf32", "    BI-R+SI bf16", "    + repulsion"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        assert "ms/step" in line and "step/floor" in line and "aten ops/step" in line
+    assert "fp32 matmul" in out and "tf32 matmul" in out and "bf16 matmul" in out
     assert "matrix products alone" in out
+
+    result = json.loads(out_file.read_text())
+    assert result["device"]["type"] == "cpu" and result["device"]["torch"] == torch.__version__
+    assert result["settings"]["precisions"] == ["fp32", "tf32", "bf16"]
+    assert set(result["matmul_rate_flops"]) == {"fp32", "tf32", "bf16"}
+    assert all(_positive(rate) for rate in result["matmul_rate_flops"].values())
+    mnist = result["protocols"]["splitMNIST5k"]
+    assert _positive(mnist["step_gflop"]) and mnist["batch"] == 128
+    variants = mnist["variants"]
+    assert set(variants) == {"BI-R", "BI-R+SI", "BI-R+SI tf32", "BI-R+SI bf16", "+ repulsion"}
+    for name, entry in variants.items():
+        for key in ("ms_per_step", "step_over_floor", "step_over_floor_best_rate", "ops_per_step"):
+            assert _positive(entry[key]), (name, key)
+        assert entry["compile"] == "off"
+    assert variants["BI-R+SI bf16"]["precision"] == "bf16"
+    assert _positive(variants["+ repulsion"]["relative_to_bir_si"])
+    assert variants["+ repulsion"]["term"] == "repulsion"
+    assert _positive(mnist["gemms_alone"]["ms"])
+
+
+def test_gpu_sharing_benchmark_runs_processes_side_by_side(tmp_path):
+    out_file = tmp_path / "sharing.json"
+    out = subprocess.run([sys.executable, "benchmarks/gpu_sharing.py", "--device", "cpu", "--processes", "1,2",
+                          "--experiment", "splitMNIST5k", "--iters", "2", "--seconds", "2", "--out", str(out_file)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, check=True).stdout
+    assert "best:" in out and "--gpus-per-trial" in out
+    result = json.loads(out_file.read_text())
+    assert [row["processes"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert len(row["workers"]) == row["processes"]
+        assert all(w["segments"] >= 1 and _positive(w["seconds"]) for w in row["workers"])
+        assert _positive(row["segments_per_hour"])
+    assert result["best_processes"] in (1, 2)
+    assert result["best_gpus_per_trial"] == 1 / result["best_processes"]
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_every_phase_on_the_cpu(tmp_path):
+    """The script a GPU session runs, dry on the CPU: every phase with tiny sizes (one quick test of the file)."""
+    env = os.environ | {"DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable,
+                        "PYTEST_SELECT": "-k guard_catches"}
+    out = subprocess.run(["bash", "benchmarks/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900, check=True).stdout
+    summary = out[out.index("=== summary"):].splitlines()[1:]
+    assert [line.split()[0] for line in summary] == ["environment", "tests", "engine_speed", "gpu_sharing"]
+    assert all("rc=0" in line for line in summary), summary
+    assert {"device_check.log", "test_gpu_path.xml", "engine_speed_cpu.json", "gpu_sharing_cpu.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "engine_speed_cpu.json").read_text())["protocols"]["splitMNIST5k"]["variants"]
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 @pytest.mark.slow
