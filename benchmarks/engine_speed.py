@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -35,15 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # the profiler (--count-ops) prints no start/stop lines
+import torch
 
-import torch  # noqa: E402
-
-from tune_bir.config import COMPILE_MODES, PRECISIONS, BIRConfig  # noqa: E402
-from tune_bir.data import Protocol, Split  # noqa: E402
-from tune_bir.engine import Engine, float32_matmul_precision  # noqa: E402
-from tune_bir.model import ModelSpec  # noqa: E402
-from tune_bir.nets import ConvLayers  # noqa: E402
+from tune_bir.config import COMPILE_MODES, PRECISIONS, BIRConfig
+from tune_bir.data import Protocol, Split
+from tune_bir.engine import Engine, float32_matmul_precision
+from tune_bir.model import ModelSpec
+from tune_bir.nets import ConvLayers
 
 TERMS = {
     "repulsion": dict(repulsion=True, lamda_rep=1e3),
@@ -432,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-precisions", default=None,
                         help="the precisions the compile modes are timed in (default: all of --precisions)")
     parser.add_argument("--count-ops", action="store_true",
-                        help="also count kernels (GPU) or aten ops (CPU) per step with the profiler")
+                        help="also count kernels (GPU) or top-level aten ops (CPU; code torch.compile generated is "
+                             "not an aten op) per step with the profiler")
     parser.add_argument("--skip-mnist", action="store_true")
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-terms", action="store_true")

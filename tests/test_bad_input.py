@@ -188,6 +188,11 @@ CASES: list[Case] = [
          "a config file that empties a field without a default", files={"c.json": '{"seed": null}'}),
     case("train-config-bad-choice", T, "--config={cwd}/c.json", "--kl-js must be one of kl, js, js_ref",
          "a config file with a value outside its choices", files={"c.json": '{"kl_js": "jsd"}'}),
+    case("train-config-bad-precision", T, "--config={cwd}/c.json", "--precision must be one of fp32, tf32, bf16",
+         "a precision that does not exist (fp16)", files={"c.json": '{"precision": "fp16"}'}),
+    case("train-config-bad-compile", T, "--config={cwd}/c.json",
+         "--compile must be one of off, default, reduce-overhead", "a compile mode torch has but the engine does "
+         "not offer", files={"c.json": '{"compile": "max-autotune"}'}),
     case("train-missing-conv-layers", T, f"--experiment=CIFAR100 {BIR} --pretrained-conv={{cwd}}/none.pt",
          "tune_bir.pretrain", "CIFAR-100 without pre-trained conv layers"),
     case("train-results-dir-is-file", T, "--iters=2 --results-dir={cwd}/afile", ["--results-dir", "is a file"],
