@@ -132,7 +132,7 @@ def _resolved(host: str, port: int, address: str) -> str:
 
 
 # A client opens HTTP/2 (hence gRPC) with this preface and a SETTINGS frame; the server must answer with a
-# SETTINGS frame of its own (RFC 9113, section 3.4): 9-byte header, type 0x4 at byte 3.
+# SETTINGS frame of its own (RFC 9113, "Starting HTTP/2"): 9-byte header, type 0x4 at byte 3.
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 0x4, 0, 0, 0, 0, 0])
 
 
