@@ -81,7 +81,9 @@ class SweepOptions:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> SweepOptions:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        """Options from parsed flags; a flag whose parser default is None (left out) takes the field's default."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if v is not None})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SweepOptions:
@@ -136,7 +138,7 @@ def build_parser() -> OneLineArgumentParser:
     s.add_argument("--n-startup-trials", type=int, default=d.n_startup_trials, metavar="N",
                    help="trials Optuna's TPE proposes at random before it models the results, the baseline "
                         "included (default: a quarter of --num-samples, between 3 and 10)")
-    s.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=d.share_first_task,
+    s.add_argument("--share-first-task", action=argparse.BooleanOptionalAction, default=None,
                    help="train task 1 once per node and let the other trials adopt it: exaggeration acts from "
                         "task 2 on, so every trial's task 1 is the same (bit-identical; default: on, off with "
                         "--segment-iters below --iters, whose steps train part of a task)")
@@ -339,7 +341,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
     segments_per_task = 1 if seg <= 0 else math.ceil(resolved.iters / seg)
     if segments_per_task > 1 and options.share_first_task:
         # a shared task 1 is adopted whole, while each step of a segmented trial trains part of a task
-        if "share_first_task" in given_options(argv):
+        if args.share_first_task is not None:   # given on the command line
             raise ConfigError(f"--share-first-task adopts task 1 whole, but --segment-iters={seg} splits each task "
                               f"into {segments_per_task} steps: drop one of them")
         options.share_first_task = False
