@@ -145,7 +145,7 @@ def vae_forward(model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, e
     terms (docs/algorithm.md "Losses")."""
     e = model.encode(h)
     mu, logvar = model.posterior(e)
-    z = mu + torch.exp(0.5 * logvar) * eps
+    z = model.reparameterise(mu, logvar, eps)
     raw = model.decode_raw(z, class_weights if model.gated else None)
     if model.spec.gmm_prior:
         log_prior = losses.gmm_log_prob(z, model.z_class_means[:n_active], model.z_class_logvars[:n_active],
@@ -481,7 +481,7 @@ class Engine:
     def _vae_pass(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> VAEPass:
         """One pass through encoder, latent and decoder, with per-sample reconstruction / variational terms."""
         # the reparameterisation noise, drawn before the pass: nothing else draws from the engine generator in
-        # between, so the numbers are those of drawing it inside (`BIRModel.reparameterise`)
+        # between, so the numbers are those of drawing it where the latent is formed
         eps = model.latent_noise(len(h), self.rng, h.device)
         return VAEPass(*self._vae_forward(model, h, class_weights, eps, n_active, self.data.image_pixels,
                                           self.recon_loss_from_raw))

@@ -92,14 +92,13 @@ class BIRModel(nn.Module):
         return self.toZ_mean(e).float(), self.toZ_logvar(e).float()
 
     @staticmethod
-    def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        # noise at least fp32 even when autocast made mu bf16
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device,
-                          dtype=torch.promote_types(mu.dtype, torch.float32))
+    def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, the noise drawn by the caller (`latent_noise`) so that the pass stays a pure
+        function of its inputs (torch.compile takes it whole)."""
         return mu + torch.exp(0.5 * logvar) * eps
 
     def latent_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """The [n, z_dim] fp32 noise `reparameterise` draws for a pass of n samples (`posterior` is fp32)."""
+        """The [n, z_dim] noise of a pass of n samples: fp32, as `posterior` is, also under bf16 autocast."""
         return torch.randn((n, self.spec.z_dim), generator=generator, device=device, dtype=torch.float32)
 
     # -- decoder

@@ -122,9 +122,8 @@ def check_ray_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         # ray.init would wait for minutes on a port that takes connections but is not a GCS
         raise ServiceUnreachableError(
             f"--address {address}{_resolved(host, port, address)} accepts connections but does not answer as a Ray "
-            "cluster (its GCS "
-            f"speaks gRPC); give the head's GCS address (ray status on the head prints it; port 6379 by default), "
-            "or drop --address to start Ray here")
+            "cluster (its GCS speaks gRPC); give the head's GCS address (ray status on the head prints it; port 6379 "
+            "by default), or drop --address to start Ray here")
 
 
 def _resolved(host: str, port: int, address: str) -> str:
