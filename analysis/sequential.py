@@ -11,8 +11,9 @@ each look (a batch of seeds) every config still going on gets a verdict:
 - over the configs, Holm's step-down in its group-sequential form (Ye et al. 2013; Maurer & Bretz 2013):
   each config starts at alpha / m; when one is declared better or worse its share passes to the others,
   whose boundaries at the same look are recomputed at the larger level;
-- equivalence within +-D: two one-sided tests at the same spent level, i.e. the (1 - 2 alpha_i) repeated
-  confidence interval inside (-D, D) (Jennison & Turnbull 2000, ch. 9; Schuirmann 1987).
+- equivalence within +-D: two one-sided tests at the level the config's share spends at that look, i.e.
+  the (1 - 2 alpha/m) repeated confidence interval inside (-D, D) (Jennison & Turnbull 2000, ch. 9;
+  Schuirmann 1987); Bonferroni's share alpha/m, as Holm's passing would not hold alpha for these claims.
 
 A decided config stops. `decide` is the only decision rule; `decide_arrays` is the same rule on many
 simulated experiments at once (analysis.simulate), so the simulation proves the code that decides.
@@ -42,13 +43,12 @@ _NODES = 160   # Gauss-Legendre nodes per look: published boundaries to 1e-4 (te
 
 
 def _spend_obrien_fleming(alpha: float, t: np.ndarray) -> np.ndarray:
-    """Lan & DeMets (1983)'s O'Brien-Fleming-type spending, alpha/2 on each side: each side spends
-    2 - 2 Phi(z_{1-alpha/4} / sqrt(t)) (the convention of most software; K = 5 even looks at 0.05 give the
-    published 4.877, 3.357, 2.680, 2.290, 2.031)."""
+    """Lan & DeMets (1983)'s O'Brien-Fleming-type spending for a two-sided test, 2 - 2 Phi(z_{1-alpha/2} / sqrt(t))
+    (Jennison & Turnbull 2000, section 7.2)."""
     from scipy.stats import norm
 
     t = np.asarray(t, dtype=float)
-    return np.where(t > 0, 4 * norm.sf(norm.isf(alpha / 4) / np.sqrt(np.maximum(t, 1e-300))), 0.0)
+    return np.where(t > 0, 2 * norm.sf(norm.isf(alpha / 2) / np.sqrt(np.maximum(t, 1e-300))), 0.0)
 
 
 def _spend_pocock(alpha: float, t: np.ndarray) -> np.ndarray:
@@ -245,8 +245,9 @@ class Verdict:
     rci_high: float
     level: float         # the nominal two-sided p-value level the difference test used at this look
     alpha: float = math.nan      # the config's Holm share of the family-wise alpha at this look
-    eq_low: float = math.nan     # the (1 - 2 alpha_i) repeated confidence interval of TOST (inside +-D <=> equivalent)
+    eq_low: float = math.nan     # the (1 - 2 alpha/m) repeated confidence interval of TOST (inside +-D <=> equivalent)
     eq_high: float = math.nan
+    eq_alpha: float = math.nan   # the share TOST used: alpha / m
     sd: float = math.nan         # sd of the paired differences
     p: float = math.nan          # the paired t-test's plain two-sided p-value at this look (compare with `level`)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -281,8 +282,8 @@ class LookDecision:
     equivalent: np.ndarray   # (R, m) bool: the (1 - 2 alpha_i) RCI inside (-D, D)
     rejected: np.ndarray     # (R,) configs declared different so far (this look included)
     crit: np.ndarray         # (R, m) |t| boundary of each config's test (at its Holm share)
-    crit_eq: np.ndarray      # (R, m) the same for the TOST interval
-    share: np.ndarray        # (R, m) each config's Holm share of alpha
+    crit_eq: np.ndarray      # (R, m) the same for the TOST interval (at alpha / m)
+    share: np.ndarray        # (R, m) each config's Holm share of alpha for the difference test
 
 
 def decide_arrays(design: SequentialDesign, look: int, mean: np.ndarray, sd: np.ndarray, open_: np.ndarray,
@@ -293,7 +294,10 @@ def decide_arrays(design: SequentialDesign, look: int, mean: np.ndarray, sd: np.
 
     Holm's step-down runs to its fixed point: each pass tests the open configs at alpha / (m - r), r = the
     configs declared different so far; a config's share is the one at which it was declared different, or,
-    when it was not, the last one (alpha / (m - the others declared different)).
+    when it was not, the last one (alpha / (m - the others declared different)). Equivalence (TOST) stays at
+    the Bonferroni share alpha / m: a config declared different may still be off by D or more, so passing
+    its share on to the others' equivalence tests would let false equivalence claims exceed alpha
+    family-wise (docs/analysis.md "Sequential confirmation").
     """
     n = design.looks[look - 1]
     crit_by_r, crit_eq_by_r = design.critical(look)
@@ -312,7 +316,8 @@ def decide_arrays(design: SequentialDesign, look: int, mean: np.ndarray, sd: np.
         if np.array_equal(now, rejected):
             break
         rejected = now
-    crit, crit_eq = crit_by_r[index], crit_eq_by_r[index]
+    crit = crit_by_r[index]
+    crit_eq = np.full(mean.shape, crit_eq_by_r[0])   # TOST at the Bonferroni share alpha / m: see the docstring
     half = crit_eq * se
     with np.errstate(invalid="ignore"):   # inf * 0 when nothing is spent and sd is 0: no decision
         equivalent = open_ & (mean + half < design.margin) & (mean - half > -design.margin)
@@ -379,7 +384,8 @@ def decide(design: SequentialDesign, diffs: Mapping[str, Sequence[float]], look:
             config=config, look=look, n=n,
             verdict=_label(bool(result.different[0, j]), bool(result.equivalent[0, j]), mean[j] > 0, last),
             estimate=float(mean[j]), rci_low=float(mean[j] - half), rci_high=float(mean[j] + half), level=level,
-            alpha=share, eq_low=float(mean[j] - half_eq), eq_high=float(mean[j] + half_eq), sd=float(sd[j]), p=p)
+            alpha=share, eq_low=float(mean[j] - half_eq), eq_high=float(mean[j] + half_eq),
+            eq_alpha=design.alpha / design.n_configs, sd=float(sd[j]), p=p)
     return out
 
 
