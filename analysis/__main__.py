@@ -8,6 +8,7 @@ Examples:
   python -m analysis ray_results/repulsion-splitMNIST5k-20260101-120000
   python -m analysis ray_results/NAME --top-k 10 --out paper/figures --no-mlflow
   python -m analysis --mlflow-uri http://127.0.0.1:5000 --sweep NAME
+  python -m analysis power --pilot docs/results/repulsion --configs 2 --margin 0.005   # seeds to plan for
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def build_parser() -> OneLineArgumentParser:
         description="Turn a finished sweep into a table, plots, a report and (after --confirm) statistics.",
         epilog="Examples:" + __doc__.split("Examples:")[1])
     parser.add_argument("sweep_dir", nargs="?", metavar="SWEEP",
-                        help="the sweep folder, <storage-path>/<name> (a path or a URI such as s3://...)")
+                        help="the sweep folder, <storage-path>/<name> (a path or a URI such as s3://...; a folder "
+                             "named power: ./power, as power starts the planning subcommand)")
     parser.add_argument("--sweep", metavar="NAME",
                         help="read the sweep from MLflow instead: its name or its parent run id")
     parser.add_argument("--mlflow-uri", metavar="URI",
@@ -157,7 +159,50 @@ def _confirmation(location: str | None):
     return confirmation, None
 
 
+def _sequential(args: argparse.Namespace) -> int:
+    """`python -m analysis CONFIRM_FOLDER`: a pre-registered sequential confirmation's verdicts and report."""
+    import json
+
+    from analysis.sequential_report import STATE_FILE, read_sequential, write_sequential_report
+
+    conf = read_sequential(args.sweep_dir)   # refuses a changed plan and results outside it, before writing
+    out = args.out or str(conf.folder / "report")
+    if Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder for the report (--out DIR)")
+    tracking_uri = run_id = None
+    if not args.no_mlflow:
+        state_path = conf.folder / STATE_FILE
+        mlflow = (json.loads(state_path.read_text()).get("mlflow") or {}) if state_path.is_file() else {}
+        tracking_uri, run_id = args.mlflow_uri or mlflow.get("tracking_uri"), mlflow.get("parent_run_id")
+        if not tracking_uri or not run_id:
+            raise ConfigError(f"{conf.folder}/{STATE_FILE} names no MLflow parent run; add --no-mlflow")
+        _parent_run(tracking_uri, run_id)
+    table, files, notes = write_sequential_report(conf, out)
+    print(f"confirmation {conf.plan.get('label', conf.folder.name)}: plan sha256 {conf.sha256[:16]}... verified; "
+          f"{conf.design.method()}")
+    for r in table.to_dict("records"):
+        if r.get("n"):
+            print(f"  {r['config']}: {r['verdict']} at look {r['look']} ({r['n']} seeds), repeated CI "
+                  f"[{r['rci_low']:+.4f}, {r['rci_high']:+.4f}], naive mean {r['mean_diff_naive']:+.4f}"
+                  + (" (biased away from 0: it stopped early)" if r["look"] < len(conf.design.looks) else ""))
+        else:
+            print(f"  {r['config']}: {r['verdict']}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report: {out}/report.md ({', '.join(files)})")
+    if run_id:
+        _attach(tracking_uri, run_id, out, files)
+        print(f"attached to MLflow parent run {run_id} (artifacts/report) at {tracking_uri}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["power"]:   # the planning subcommand; a sweep folder named power is given as ./power
+        from analysis.power import PROG as POWER
+        from analysis.power import main as power
+
+        return run_main(POWER, power, argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")   # an unreachable server fails in seconds
@@ -168,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow and args.out and "://" in args.out:
         raise ConfigError(f"--out {args.out} is not a local folder: MLflow attaches local files; give a local "
                           "--out, or add --no-mlflow")
+    if args.sweep_dir and not args.sweep:
+        from analysis.sequential_report import is_sequential_folder
+
+        if is_sequential_folder(args.sweep_dir):
+            return _sequential(args)
     table, where = _load(args)
     if not args.no_mlflow and "://" in where["out"]:
         raise ConfigError(f"--out {where['out']} is not a local folder: MLflow attaches local files; give a local "

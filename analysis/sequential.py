@@ -44,7 +44,7 @@ _NODES = 160   # Gauss-Legendre nodes per look: published boundaries to 1e-4 (te
 
 def _spend_obrien_fleming(alpha: float, t: np.ndarray) -> np.ndarray:
     """Lan & DeMets (1983)'s O'Brien-Fleming-type spending for a two-sided test, 2 - 2 Phi(z_{1-alpha/2} / sqrt(t))
-    (Jennison & Turnbull 2000, section 7.2)."""
+    (Jennison & Turnbull 2000, ch. 7)."""
     from scipy.stats import norm
 
     t = np.asarray(t, dtype=float)
@@ -202,7 +202,8 @@ class SequentialDesign:
         """One line naming the test, for plan.json and the report."""
         return (f"group-sequential paired t-tests, Lan-DeMets {self.spending}-type alpha spending, "
                 f"Holm over {self.n_configs} config(s) at family-wise alpha {self.alpha:g}; equivalence by TOST "
-                f"at the same level (repeated {1 - 2 * self.alpha:g}-type interval inside +-{self.margin:g})")
+                f"at alpha/{self.n_configs} (the repeated {1 - 2 * self.alpha / self.n_configs:g} interval inside "
+                f"+-{self.margin:g})")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able; goes verbatim into plan.json (`method` is descriptive and ignored by from_dict)."""

@@ -98,6 +98,34 @@ ONLY_BASELINE = [{"trial_id": "t0", "status": "completed", "baseline": True, "va
                   "trial_status": "completed"}]
 
 
+def sequential_confirmation(mutate: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
+    """A finished sequential confirmation folder at {cwd}/rr/c (tests/sequential_fixtures.py), then `mutate`d."""
+    def prepare(cwd: Path) -> None:
+        from tests.sequential_fixtures import write_confirmation
+
+        folder = write_confirmation(cwd / "rr" / "c", looks=(8, 16))
+        if mutate is not None:
+            mutate(folder)
+    return prepare
+
+
+def _edit_plan(folder: Path) -> None:
+    (folder / "plan.json").write_text((folder / "plan.json").read_text().replace('"alpha": 0.05', '"alpha": 0.1'))
+
+
+def _unregister(folder: Path) -> None:
+    (folder / "state.json").unlink()
+    (folder.parent / "seed_ledger.json").unlink()
+
+
+def _add_row(**row) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        with (folder / "results.csv").open("a") as f:
+            header = (folder / "results.csv").read_text().splitlines()[0].split(",")
+            f.write(",".join(str(row.get(h, "")) for h in header) + "\n")
+    return mutate
+
+
 def analysis_sweep(*, name: str = "fake", trials: dict | None = None, confirm_without_baseline: bool = False,
                    sweep_json: str | None = None) -> Callable[[Path], None]:
     """A finished hand-made sweep folder (tests/test_analysis_cli.py), possibly broken."""
@@ -386,6 +414,24 @@ CASES: list[Case] = [
          "analysing a sweep.json that lacks what a sweep writes", prepare=analysis_sweep(sweep_json='{"name": "x"}')),
     case("analysis-confirmation-without-baseline", A, "{cwd}/fake --no-mlflow", ["no 'baseline' config", "--resume"],
          "a confirmation without its baseline", prepare=analysis_sweep(confirm_without_baseline=True)),
+    case("analysis-sequential-plan-changed", A, "{cwd}/rr/c --no-mlflow",
+         ["plan.json no longer matches its registered sha256", "no verdicts"],
+         "verdicts from a plan.json edited after it was registered", prepare=sequential_confirmation(_edit_plan)),
+    case("analysis-sequential-plan-unregistered", A, "{cwd}/rr/c --no-mlflow", "has no registered sha256",
+         "verdicts from a plan.json that was never registered", prepare=sequential_confirmation(_unregister)),
+    case("analysis-sequential-foreign-config", A, "{cwd}/rr/c --no-mlflow",
+         ["config(s) ['other']", "does not name"], "verdicts with results of a config outside the plan",
+         prepare=sequential_confirmation(_add_row(config="other", seed=100, status="completed", acc_avg=0.8))),
+    case("analysis-sequential-foreign-seed", A, "{cwd}/rr/c --no-mlflow", ["seed(s) [999]", "does not name"],
+         "verdicts with results of a seed outside the plan",
+         prepare=sequential_confirmation(_add_row(config="baseline", seed=999, status="completed", acc_avg=0.8))),
+    case("analysis-power-no-source", A, "power --dz 0.5", ["give --pilot FOLDER", "./power"],
+         "planning without a pilot or an sd"),
+    case("analysis-power-looks-above-max", A, "power --sd 0.01 --dz 0.5 --looks 60 --max-seeds 48",
+         "--looks 60 is above --max-seeds 48", "planning more looks than seeds"),
+    case("analysis-power-sd-zero", A, "power --sd 0 --dz 0.5", "--sd: must be a number > 0", "a paired sd of 0"),
+    case("analysis-power-pilot-not-a-confirmation", A, "power --pilot {cwd}/empty", "not a confirmation folder",
+         "a pilot folder without per-seed results", files={"empty": None}),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
@@ -454,7 +500,7 @@ def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.parametrize("case_id", list(CASES_BY_ID))
 def test_bad_input_is_one_line_exit_2_and_nothing_started(outcomes, case_id):
     c, o = CASES_BY_ID[case_id], outcomes[case_id]
-    prog = "python -m " + c.module
+    prog = "python -m " + c.module + (" power" if c.argv[:1] == ("power",) else "")   # analysis's subcommand
     shown = f"rule: {c.rule}\nstdout: {o.out.stdout[-1500:]}\nstderr: {o.out.stderr[-3000:]}"
     assert o.out.returncode == 2, shown
     assert o.out.stderr.startswith(f"{prog}: error: ") and o.out.stderr.count("\n") == 1, shown
