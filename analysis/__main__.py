@@ -182,7 +182,8 @@ def _sequential(args: argparse.Namespace) -> int:
           f"{conf.design.method()}")
     for r in table.to_dict("records"):
         if r.get("n"):
-            print(f"  {r['config']}: {r['verdict']} at look {r['look']} ({r['n']} seeds), repeated CI "
+            at = "after" if r["verdict"] == "go on" else "at"
+            print(f"  {r['config']}: {r['verdict']} {at} look {r['look']} ({r['n']} seeds), repeated CI "
                   f"[{r['rci_low']:+.4f}, {r['rci_high']:+.4f}], naive mean {r['mean_diff_naive']:+.4f}"
                   + (" (biased away from 0: it stopped early)" if r["look"] < len(conf.design.looks) else ""))
         else:
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     if confirm_note:
         print(f"note: {confirm_note}")
+    if "://" not in where["sweep_ref"] and Path(where["sweep_ref"]).is_dir():
+        for plan_file in sorted(Path(where["sweep_ref"]).glob("confirm-*/plan.json")):
+            print(f"note: {plan_file.parent} is a pre-registered confirmation: python -m analysis {plan_file.parent}")
     if report.confirmation is not None:
         print("confirmation on fresh seeds (test acc_avg vs the baseline, paired by seed, Holm-adjusted):")
         for row in report.confirmation.to_dict("records"):

@@ -11,6 +11,7 @@ From a pilot confirmation's paired differences (its folder: results.csv or confi
 
 Examples:
   python -m analysis power --pilot docs/results/repulsion --configs 2 --margin 0.005 --first-seed 100
+  python -m analysis power --pilot docs/results/repulsion:top2 docs/results/contrastive:top2 --first-seed 100
   python -m analysis power --sd 0.011 --effect 0.005 0.01 --configs 2 --margin 0.005
   python -m analysis power --sd 1 --dz 0 0.3 0.5 0.8 --margin 0.5 --markdown
 
@@ -66,8 +67,9 @@ def build_parser() -> OneLineArgumentParser:
                     "from a pilot's paired sd.",
         epilog="Examples:" + __doc__.split("Examples:")[1])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pilot", metavar="FOLDER",
-                        help="a finished confirmation folder (results.csv or confirm_results.csv): its paired sd")
+    source.add_argument("--pilot", metavar="FOLDER[:LABEL,...]", nargs="+",
+                        help="finished confirmation folders (results.csv or confirm_results.csv), each with the "
+                             "labels of its configs to use (default: all): their paired sd, pooled")
     source.add_argument("--sd", type=_positive(float, "the sd of one paired difference"), metavar="SD",
                         help="the sd of one paired difference (config - baseline), in metric units")
     parser.add_argument("--effect", type=_number, nargs="+", metavar="E",
@@ -107,6 +109,28 @@ class Pilot:
         if df == 0:
             raise ConfigError(f"pilot {self.folder} has fewer than 2 paired seeds per config: no paired sd")
         return math.sqrt(sum((len(d) - 1) * d.var(ddof=1) for d in usable) / df), df
+
+
+def read_pilots(specs: list[str], metric: str = "acc_avg") -> Pilot:
+    """Several pilots as one: FOLDER or FOLDER:LABEL,LABEL (those configs only); configs named FOLDER-name/label."""
+    if len(specs) == 1 and ":" not in specs[0]:
+        return read_pilot(specs[0], metric)
+    diffs, seeds, experiments = {}, set(), set()
+    for spec in specs:
+        folder, labels = spec, None
+        if ":" in spec and not Path(spec).is_dir():
+            folder, _, names = spec.rpartition(":")
+            labels = [n for n in names.split(",") if n]
+        pilot = read_pilot(folder, metric)
+        unknown = sorted(set(labels or []) - set(pilot.diffs))
+        if unknown:
+            raise ConfigError(f"--pilot {spec}: no config {unknown[0]!r} in {folder} (it has {sorted(pilot.diffs)})")
+        for label in labels or pilot.diffs:
+            diffs[f"{Path(folder).name}/{label}"] = pilot.diffs[label]
+        seeds |= set(pilot.seeds)
+        experiments.add(pilot.experiment)
+    experiment = experiments.pop() if len(experiments) == 1 else None
+    return Pilot(" + ".join(specs), diffs, sorted(seeds), experiment)
 
 
 def read_pilot(folder: str, metric: str = "acc_avg") -> Pilot:
@@ -235,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.alpha >= 0.5:
         raise ConfigError(f"--alpha must be below 0.5, got {args.alpha}")
     warnings, lines = [], []
-    pilot = read_pilot(args.pilot, args.metric) if args.pilot else None
+    pilot = read_pilots(args.pilot, args.metric) if args.pilot else None
     if pilot is not None:
         sd, df = pilot.pooled_sd()
         n_configs = args.configs or len(pilot.diffs)
@@ -245,11 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             sd_c = d.std(ddof=1) if len(d) >= 2 else math.nan
             lines.append(f"  {config}: mean difference {d.mean():+.4g} over {len(d)} paired seeds, sd {sd_c:.4g}, "
                          f"d_z {d.mean() / sd_c:+.2f}")
-        lines.append(f"  paired sd pooled over the configs: {sd:.4g} ({df} df)")
-        among = f"of {len(pilot.diffs)} " if len(pilot.diffs) > 1 else ""
+        from scipy.stats import chi2
+
+        upper = sd * math.sqrt(df / chi2.ppf(0.2, df))   # the sd itself is uncertain with a few seeds
+        lines.append(f"  paired sd pooled over the configs: {sd:.4g} ({df} df; 80 % upper confidence limit "
+                     f"{upper:.4g}: --sd {upper:.3g} plans for it)")
         warnings.append("a pilot's effect is biased upward when its configs were chosen on the same seeds (the "
-                        f"winner's curse: the best {among}config(s) of a ranking look better than they are); plan "
-                        "for a smaller effect than the "
+                        "winner's curse: configs picked because they scored best on these seeds look better there "
+                        "than they are); plan for a smaller effect than the "
                         "pilot's, and confirm on fresh seeds")
         effects = args.effect or ([d * sd for d in args.dz] if args.dz else
                                   [float(d.mean()) for d in pilot.diffs.values()])

@@ -309,14 +309,17 @@ def write_sequential_report(conf: SequentialConfirmation, out: str) -> tuple[pd.
     for c in plan["configs"]:
         lines.append(f"| {c['label']} | `{json.dumps(c.get('source'))}` | `{json.dumps(c.get('values'))}` |")
     lines += ["", "## Verdicts", "",
-              f"| config | verdict | stopped at | repeated CI (1 - alpha_i) | TOST interval (1 - 2 alpha/{m}) | "
+              f"| config | verdict | seeds | repeated CI (1 - alpha_i) | TOST interval (1 - 2 alpha/{m}) | "
               "naive mean | class orders | CPU |", "|---|---|---|---|---|---|---|---|"]
     for r in table.to_dict("records"):
         if not r.get("n"):
             lines.append(f"| {r['config']} | {r['verdict']} | — | — | — | — | — | — |")
             continue
+        where = f"look {r['look']}, {r['n']} seeds ({r['seeds']})"
+        if r["verdict"] == GO_ON:
+            where = f"not stopped; last decided look {r['look']}, {r['n']} seeds ({r['seeds']})"
         lines.append(
-            f"| {r['config']} | **{r['verdict']}** | look {r['look']}, {r['n']} seeds ({r['seeds']}) | "
+            f"| {r['config']} | **{r['verdict']}** | {where} | "
             f"[{_fmt(r['rci_low'])}, {_fmt(r['rci_high'])}] at {r['rci_level']:.4g} | "
             f"[{_fmt(r['tost_low'])}, {_fmt(r['tost_high'])}] at {r['tost_level']:.4g} | "
             f"{_fmt(r['mean_diff_naive'])} | {r['class_orders']} | {r['cpu']} |")

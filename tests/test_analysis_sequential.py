@@ -61,7 +61,7 @@ def test_an_unfinished_confirmation_reports_go_on_and_what_it_waits_for(tmp_path
     folder = write_confirmation(tmp_path / "rr" / "c", looks=LOOKS6, effects={"a": 0.0, "b": 0.0}, upto_look=2)
     main([str(folder), "--no-mlflow"])
     out = capsys.readouterr().out
-    assert "a: go on at look 2 (16 seeds)" in out
+    assert "a: go on after look 2 (16 seeds)" in out
     assert "note: look 3 (24 seeds) cannot be decided yet" in out
 
 
@@ -99,6 +99,20 @@ def test_the_docs_simulation_table_is_what_the_power_command_prints(capsys):
     docs = (ROOT / "docs" / "analysis.md").read_text()
     assert "python -m analysis " + " ".join(DOCS_TABLE_ARGV) in docs
     assert "\n".join(table) in docs
+
+
+PLAN_ARGV = ["power", "--pilot", "docs/results/repulsion:top2", "docs/results/contrastive:top2", "--first-seed", "100",
+             "--effect", "0.009", "0.0066", "0.0045", "0.0033", "--markdown"]
+
+
+def test_the_docs_plan_of_issue_19_is_what_the_power_command_prints(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(PLAN_ARGV) == 0
+    out = capsys.readouterr().out
+    docs = " ".join((ROOT / "docs" / "analysis.md").read_text().split())   # the command wraps over two lines
+    assert "python -m analysis " + " ".join(PLAN_ARGV) in docs
+    assert " ".join("\n".join(line for line in out.splitlines() if line.startswith("|")).split()) in docs
+    assert "pooled over the configs: 0.01032 (14 df; 80 % upper confidence limit 0.01255" in out
 
 
 def test_power_from_a_pilot_warns_of_the_winners_curse_and_other_class_orders(capsys):
