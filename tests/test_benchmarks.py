@@ -117,3 +117,13 @@ def test_step_gemms_count_the_flops_of_the_layer_sizes_by_hand():
     generation = 2 * replay * (2 * 5 + 5 * 16 + 16 * 5 + 5 * 3)       # decode, then encode + classify
     assert step_flops(spec, 2, replay) == trained + generation
     assert len(step_gemms(spec, 2, replay)) == 3 * len(layers) - 1 + 4
+
+
+def test_sequential_errors_benchmark_prints_its_table():
+    out = subprocess.run([sys.executable, "benchmarks/sequential_errors.py", "--batches", "1", "--per-batch", "500",
+                          "--configs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| obrien-fleming") or
+            line.startswith("| pocock")]
+    assert len(rows) == 2 and all("| 2 |" in row and "| 500 |" in row for row in rows)
