@@ -163,7 +163,7 @@ def test_si_penalty_is_zero_in_task_one_and_positive_after():
 def test_si_scope_leaves_decoder_and_prior_without_importance():
     e = engine(**BIR, si=True, iters=10)
     e.train_task()
-    names = set(e.si.state_dict()["omega"])
+    names = set(e.state_dict()["plugins"]["si"]["omega"])
     assert names and all(n.startswith(("fcE.", "classifier.")) for n in names)
 
 

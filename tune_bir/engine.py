@@ -1,11 +1,11 @@
 """The one training loop of tune_bir: BI-R (+SI) on a continual-learning protocol.
 
 `Engine` is built from one resolved config; `train_segment()` trains up to N iterations of the
-current task (finishing the task runs evaluation, SI consolidation and the previous-model
+current task (finishing the task runs evaluation, the plugins' `after_task` and the previous-model
 snapshot); `evaluate()` returns the metrics of docs/algorithm.md "Evaluation metrics";
 `state_dict()` / `load_state_dict()` cover everything needed for a bit-identical continuation.
-The exaggeration terms are plugins (`tune_bir.terms`): the engine calls their hooks on every replay
-step and knows none of them by name. No Ray and no MLflow in here.
+Everything optional (SI, the exaggeration terms) is a plugin (`tune_bir.plugin`, built by `tune_bir.terms`):
+the engine calls their life-cycle hooks and knows none of them by name. No Ray and no MLflow in here.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from tune_bir import losses
 from tune_bir.config import BIRConfig
 from tune_bir.data import Protocol, Split, load_protocol
 from tune_bir.errors import ConfigError
-from tune_bir.exaggeration import ReplayBatch, ReplayState
 from tune_bir.generators import restore_generator
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, adam, load_conv_layers
-from tune_bir.si import SynapticIntelligence
-from tune_bir.terms import ExaggerationTerm, TermContext, build_terms
+from tune_bir.plugin import Plugin, PluginContext, TaskInfo
+from tune_bir.replay_batch import ReplayBatch, ReplayState
+from tune_bir.terms import build_plugins
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 3   # 2: the exaggeration terms' generator; 3: every term's state under "terms"
+CHECKPOINT_FORMAT = 4   # 3: every term's state under "terms"; 4: every plugin's (SI's too) under "plugins"
 EVAL_BATCH = 1000
 
 
@@ -169,32 +169,34 @@ class Objectives:
     """The losses one training step minimises; each has its own optimiser (None = not this step)."""
 
     main: torch.Tensor                 # the model's objective (SI enters as its gradient)
-    own: tuple[ExaggerationTerm, torch.Tensor] | None   # a term's own objective (unweighted), it steps it
+    own: tuple[Plugin, torch.Tensor] | None   # a plugin's own objective (unweighted); it owns the step
     generator: torch.Tensor | None     # the separate VAE generator's objective (`--replay=generative` alone)
 
 
-class MainStep:
-    """The learner's main optimiser step, written once for every optimisation path (`tune_bir.terms.MainStep`).
+class OptimiserStep:
+    """The learner's main optimiser step, written once for every optimisation path (`tune_bir.plugin.LearnerStep`):
+    backward, every plugin's `after_backward`, clipping and the main optimiser's step, every plugin's `after_step`.
 
-    The plain path is `run(total)`; a term with its own optimiser calls the same parts in its `optimise`.
+    The plain path is `run(total)`; a plugin that owns the step calls the same parts in its `optimise`.
     """
 
-    def __init__(self, model: BIRModel, optimizer: torch.optim.Optimizer, si: SynapticIntelligence | None,
+    def __init__(self, model: BIRModel, optimizer: torch.optim.Optimizer, plugins: list[Plugin],
                  grad_clip: float, log: Callable[[str, torch.Tensor], None]):
-        self.model, self.optimizer, self.si, self.grad_clip, self._log = model, optimizer, si, grad_clip, log
+        self.model, self.optimizer, self.plugins, self.grad_clip, self._log = model, optimizer, plugins, grad_clip, log
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def after_backward(self, total: torch.Tensor) -> None:
-        """Add the SI penalty's gradient to .grad, as if the penalty were part of `total`; log both."""
-        if self.si is None:
-            self._log("total", total)
-            return
-        si_loss = self.si.add_penalty_grad_()
-        self._log("si", si_loss)
-        self._log("total", total.detach() + si_loss)
+        """Every plugin's `after_backward` (SI adds its penalty's gradient to .grad); logs each loss and the total."""
+        logged = total
+        for plugin in self.plugins:
+            value = plugin.after_backward()
+            if value is not None:
+                self._log(plugin.name, value)
+                logged = logged.detach() + value
+        self._log("total", logged)
 
     def step(self) -> None:
         """Gradient clipping (`--grad-clip`) and the main optimiser's step."""
@@ -202,24 +204,17 @@ class MainStep:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
 
-    def consolidation_grads(self) -> dict[str, torch.Tensor] | None:
-        """The gradients SI would read now, by parameter name (None without SI)."""
-        if self.si is None:
-            return None
-        by_id = {id(p): p.grad for p in self.params}
-        return {name: by_id[id(p)] for name, p in self.si.named_params.items()}
-
-    def consolidate(self, grads: dict[str, torch.Tensor] | None = None) -> None:
-        """SI's path integral after the step(s) (section "Synaptic Intelligence")."""
-        if self.si is not None:
-            self.si.after_step(grads)
+    def after_step(self, grads: dict[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        """Every plugin's `after_step` (SI's path integral, docs/algorithm.md "Synaptic Intelligence")."""
+        for plugin in self.plugins:
+            plugin.after_step(grads)
 
     def run(self, total: torch.Tensor) -> None:
         self.zero_grad()
         total.backward()
         self.after_backward(total)
         self.step()
-        self.consolidate()
+        self.after_step()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,19 +307,16 @@ class Engine:
             gmm_prior=cfg.prior == "GMM", dg_prop=cfg.dg_prop if cfg.dg_gates else 0.0, output=decoder_out),
             init_rng).to(self.device) if generative and not cfg.feedback else None
 
-        # the exaggeration terms the config switches on (tune_bir.terms), in registration order
-        self.terms: list[ExaggerationTerm] = build_terms(
-            cfg, TermContext(model=self.model, conv=self.conv, device=self.device, recon_loss=self.recon_loss))
+        # the plugins the config switches on (tune_bir.terms), in registration order; the replay-acting ones
+        # (exaggeration terms) also get every replay step's batch
+        self.plugins: list[Plugin] = build_plugins(
+            cfg, PluginContext(model=self.model, conv=self.conv, device=self.device, recon_loss=self.recon_loss))
+        self.terms = [p for p in self.plugins if p.acts_on_replay]
         # the main optimiser holds every trainable model parameter (a term's own parameters are not ones)
         self.optimizer = adam(self.model.parameters(), cfg.lr, self.device)
         self.generator_optimizer = adam(
             self.generator_model.parameters(), cfg.lr, self.device) if self.generator_model else None
-        # SI scope: encoder and classifier; the rest keeps omega = 0 (difference "si-scope", docs/algorithm.md)
-        self.si = SynapticIntelligence(
-            {f"fcE.{n}": p for n, p in self.model.fcE.named_parameters()}
-            | {f"classifier.{n}": p for n, p in self.model.classifier.named_parameters()},
-            c=cfg.c, epsilon=cfg.epsilon) if cfg.si else None
-        self.main_step = MainStep(self.model, self.optimizer, self.si, cfg.grad_clip, self._log)
+        self.main_step = OptimiserStep(self.model, self.optimizer, self.plugins, cfg.grad_clip, self._log)
 
         self.previous: BIRModel | None = None            # frozen snapshot M' after the last task
         self.previous_generator: BIRModel | None = None
@@ -375,8 +367,10 @@ class Engine:
         train = self._task_train_data(t)
         if self.sampler is None:
             self.sampler = BatchSampler(len(train.y), self.cfg.batch, self.rng, self.device)
-            if self.si is not None and self.iter_in_task == 0:
-                self.si.begin_task()
+            if self.iter_in_task == 0:
+                info = self._task_info(t)
+                for plugin in self.plugins:
+                    plugin.before_task(info)
         self._loss_sums, self._loss_count = {}, 0
         self.model.train()
         for _ in range(n):
@@ -397,6 +391,10 @@ class Engine:
         """Train the rest of the current task."""
         return self.train_segment(None, on_iteration)
 
+    def _task_info(self, t: int) -> TaskInfo:
+        return TaskInfo(t, self._task_train_data(t), self.scenario.columns(t, t),
+                        lambda y: self.scenario.targets(y, t))
+
     def _log(self, name: str, value: torch.Tensor) -> None:
         value = value.detach()
         self._loss_sums[name] = self._loss_sums[name] + value if name in self._loss_sums else value
@@ -411,12 +409,18 @@ class Engine:
         # autocast wraps the forward passes only; backward and the optimisers run outside it
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             objectives = self._objectives(h, y, t)
-        # the SI penalty enters as its gradient, added after backward (MainStep.after_backward)
+        main = objectives.main
+        for plugin in self.plugins:
+            value = plugin.before_backward()
+            if value is not None:
+                self._log(plugin.name, value)
+                main = main + plugin.weight * value
+        # the SI penalty enters as its gradient, added after backward (OptimiserStep.after_backward)
         if objectives.own is None:
-            self.main_step.run(objectives.main)
+            self.main_step.run(main)
         else:
-            term, value = objectives.own
-            term.optimise(objectives.main, term.weight * value, self.main_step)
+            owner, value = objectives.own
+            owner.optimise(main, owner.weight * value, self.main_step)
         if objectives.generator is not None:
             self.generator_optimizer.zero_grad(set_to_none=True)
             objectives.generator.backward()
@@ -487,7 +491,7 @@ class Engine:
                                           self.recon_loss_from_raw))
 
     def _feedback_loss(self, h, y, target, cols, rnt, replay, t
-                       ) -> tuple[torch.Tensor, tuple[ExaggerationTerm, torch.Tensor] | None]:
+                       ) -> tuple[torch.Tensor, tuple[Plugin, torch.Tensor] | None]:
         """Replay-through-feedback: current and replayed samples in ONE pass through the model
         (docs/algorithm.md "The training step").
 
@@ -567,10 +571,11 @@ class Engine:
 
     # -- end of a task -------------------------------------------------------------------------
     def _end_task(self) -> None:
-        """SI consolidation, previous-model snapshot, next task, in this order
+        """The plugins' `after_task` (SI consolidation), previous-model snapshot, next task, in this order
         (docs/algorithm.md "The training step")."""
-        if self.si is not None:
-            self.si.end_task()
+        info = self._task_info(self.task + 1)
+        for plugin in self.plugins:
+            plugin.after_task(info)
         self.previous = _frozen_copy(self.model)
         if self.generator_model is not None:
             self.previous_generator = _frozen_copy(self.generator_model)
@@ -654,7 +659,7 @@ class Engine:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a bit-identical continuation needs (model, previous model, SI, optimisers, RNG, position)."""
+        """Everything a bit-identical continuation needs (model, previous model, plugins, optimisers, RNG, position)."""
         def sd(module):
             return None if module is None else module.state_dict()
 
@@ -668,8 +673,7 @@ class Engine:
             "previous_generator": sd(self.previous_generator),
             "optimizer": self.optimizer.state_dict(),
             "generator_optimizer": sd(self.generator_optimizer),
-            "si": None if self.si is None else self.si.state_dict(),
-            "terms": self._terms_state(),
+            "plugins": self._plugins_state(self.plugins),
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "rng": {"engine": self.rng.get_state(), "exaggeration": self.exaggeration_rng.get_state(),
                     "torch": torch.get_rng_state(),
@@ -683,9 +687,9 @@ class Engine:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unsupported checkpoint format {state.get('format')!r}: this code reads format "
                              f"{CHECKPOINT_FORMAT} only (a learner saved by other code cannot continue here)")
-        missing = sorted(term.name for term in self.terms if term.name not in state["terms"])
+        missing = sorted(plugin.name for plugin in self.plugins if plugin.name not in state["plugins"])
         if missing:
-            raise ValueError(f"the checkpoint holds no state of the exaggeration term(s) {missing} of this config")
+            raise ValueError(f"the checkpoint holds no state of the plugin(s) {missing} of this config")
         pos = state["position"]
         self.task, self.iter_in_task, self.iters_done = pos["task"], pos["iter_in_task"], pos["iters_done"]
         self.model.load_state_dict(state["model"])
@@ -695,10 +699,8 @@ class Engine:
             self.previous_generator = self._snapshot_from(self.generator_model, state["previous_generator"])
             self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.si is not None:
-            self.si.load_state_dict(state["si"])
-        for term in self.terms:
-            term.load_state_dict(state["terms"][term.name])
+        for plugin in self.plugins:
+            plugin.load_state_dict(state["plugins"][plugin.name])
         self.sampler = None
         if state["sampler"] is not None:
             train = self._task_train_data(self.task + 1)
@@ -719,8 +721,8 @@ class Engine:
         """Continue from the end of task 1 as trained by another engine whose config differs only in fields
         that act on replay (`BIRConfig.first_task_fields`): the same learner this one would have become.
 
-        This engine keeps what task 1 never touched and the other engine may lack: its exaggeration terms'
-        state (e.g. the contrastive plugin's head, optimiser and generators).
+        This engine keeps what task 1 never touched and the other engine may lack: the state of its replay-acting
+        plugins (e.g. the contrastive plugin's head, optimiser and generators).
         """
         if (self.task, self.iter_in_task) != (0, 0):
             raise ValueError("adopt_first_task needs an engine that has not trained yet")
@@ -731,10 +733,11 @@ class Engine:
         differing = sorted(k for k in ours if ours[k] != theirs.get(k))
         if differing:
             raise ValueError(f"task 1 of this config differs from the saved one in {differing}")
-        self.load_state_dict(state | {"terms": self._terms_state()})
+        self.load_state_dict(state | {"plugins": state["plugins"] | self._plugins_state(self.terms)})
 
-    def _terms_state(self) -> dict[str, dict]:
-        return {term.name: term.state_dict() for term in self.terms}
+    @staticmethod
+    def _plugins_state(plugins: list[Plugin]) -> dict[str, dict]:
+        return {plugin.name: plugin.state_dict() for plugin in plugins}
 
     @staticmethod
     def _snapshot_from(template: BIRModel, state: dict | None) -> BIRModel | None:

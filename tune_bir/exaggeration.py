@@ -1,17 +1,15 @@
 """The built-in memory-exaggeration terms (docs/algorithm.md "Memory exaggeration"), one class each.
 
-Every term is a registered `tune_bir.terms.ExaggerationTerm`: its class attributes declare its config
+Every term is a registered `tune_bir.plugin.ExaggerationTerm`: its class attributes declare its config
 fields, `from_config` builds it, and the engine calls its plugin hooks with the step's shared
 `ReplayBatch` (whose `ReplayState` is computed once, on first use). The additive terms return a scalar
 from `replay_loss` that the engine adds to the replay loss as `weight * value`; contrastive replay has its
-own head and optimiser, so it returns an `objective` and runs the optimiser step itself (`optimise`).
+own head and optimiser, so it returns an `objective` and owns the optimiser step (`optimise`).
 Everything is vectorised over the batch; invalid anchors are masked, an empty set gives exactly 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,15 +17,16 @@ from torch.nn import functional as F
 
 from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
-from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_integer, check_positive
 from tune_bir.generators import restore_generator
 from tune_bir.nets import adam, linear
-from tune_bir.terms import ExaggerationTerm, MainStep, TermContext, register
+from tune_bir.plugin import ExaggerationTerm, LearnerStep, PluginContext, register
 
 if TYPE_CHECKING:
+    from tune_bir.config import BIRConfig
     from tune_bir.model import BIRModel
+    from tune_bir.replay_batch import ReplayBatch
 
 PROJECTION_SIZE = 100
 BASE_TEMPERATURE = 0.07
@@ -36,83 +35,6 @@ BASE_TEMPERATURE = 0.07
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask`; exactly 0 (no NaN, no host sync) when the mask is empty."""
     return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
-
-
-@dataclass
-class ReplayState:
-    """Ranking, gates, class groups and validity of one replay batch (docs/algorithm.md "Replay-batch state")."""
-
-    own: torch.Tensor             # [Br] previous-model top-1 class r^1
-    competitors: torch.Tensor     # [Br, J] classes r^2 .. r^(J+1), J = n_rep clamped to K - 1
-    gate: torch.Tensor            # [Br, J] repulsion-factor gate S (all True without --use-rep-f)
-    present: torch.Tensor         # [K] class has at least one member in the batch
-    representative: torch.Tensor  # [K] index of one uniformly drawn member of each class group
-    membership: torch.Tensor      # [K, Br] one-hot of the class groups (float)
-
-    @classmethod
-    def build(cls, scores: torch.Tensor, n_rep: int, rep_f: float | None,
-              generator: torch.Generator) -> ReplayState:
-        n, k = scores.shape
-        top = scores.topk(min(n_rep + 1, k), dim=1).indices
-        own, competitors = top[:, 0], top[:, 1:]
-        if rep_f is None:
-            gate = torch.ones_like(competitors, dtype=torch.bool)
-        else:  # probabilities at temperature 1 (difference "rep-f-temperature", docs/algorithm.md)
-            p = torch.softmax(scores, dim=1)
-            gate = p.gather(1, own[:, None]) < rep_f * p.gather(1, competitors)
-        membership = F.one_hot(own, k).T.float()
-        present = membership.sum(1) > 0
-        keys = torch.rand(n, generator=generator, device=scores.device)
-        representative = torch.where(membership > 0, keys, torch.full_like(membership, -1.0)).argmax(1)
-        return cls(own, competitors, gate, present, representative, membership)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """[Br, J] the competing class has a member in the batch."""
-        return self.present[self.competitors]
-
-    @property
-    def anchors(self) -> torch.Tensor:
-        return self.gate & self.valid
-
-    def class_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """[K, ...] mean of `values` over each class group (zeros for absent classes)."""
-        counts = self.membership.sum(1).clamp(min=1)
-        flat = self.membership @ values.flatten(1) / counts[:, None]
-        return flat.view(-1, *values.shape[1:])
-
-
-class ReplayBatch:
-    """What the current model made of one replay batch (docs/algorithm.md "Replay-batch state").
-
-    `recon` and `state` may be given as zero-argument callables: they are then computed on first use,
-    once, so a step whose terms need neither (contrastive replay) neither decodes nor ranks.
-    """
-
-    def __init__(self, *, h: torch.Tensor, scores: torch.Tensor, e: torch.Tensor, mu: torch.Tensor,
-                 logvar: torch.Tensor, recon: torch.Tensor | Callable[[], torch.Tensor],
-                 state: ReplayState | Callable[[], ReplayState], model: BIRModel, image_pixels: int):
-        self.h = h                    # replayed inputs htil [Br, ...]
-        self.scores = scores          # previous model's logits over previous classes [Br, K]
-        self.e = e                    # current encoder features of htil
-        self.mu = mu                  # current posterior mean [Br, Z]
-        self.logvar = logvar          # current posterior log-variance [Br, Z]
-        self.model = model
-        self.image_pixels = image_pixels
-        self._recon, self._state = recon, state
-
-    @property
-    def recon(self) -> torch.Tensor:
-        """Current reconstruction of htil."""
-        if callable(self._recon):
-            self._recon = self._recon()
-        return self._recon
-
-    @property
-    def state(self) -> ReplayState:
-        if callable(self._state):
-            self._state = self._state()
-        return self._state
 
 
 class _AdditiveTerm(ExaggerationTerm):
@@ -141,8 +63,9 @@ class _GatedTerm(_AdditiveTerm):
 
 @register
 class DistributionRepulsion(_GatedTerm):
-    """5.1: mean over anchors of 1 / max(D(q_i || target_i), d_min), for each competing neighbour.
+    """Mean over anchors of 1 / max(D(q_i || target_i), d_min), for each competing neighbour.
 
+    docs/algorithm.md "Distribution repulsion".
     divergence: kl | js (moment-matched, zero iff equal) | js_ref (the original formula);
     target: prior (competing class's GMM mode, / P) | sample (posterior of a replayed member of the
     competing class) | class_mean (moment-matched posterior of the competing class group).
@@ -153,7 +76,7 @@ class DistributionRepulsion(_GatedTerm):
     options = ("kl_js", "rep_target", "n_rep", *_GatedTerm.options)
 
     @classmethod
-    def from_config(cls, cfg: BIRConfig, context: TermContext) -> DistributionRepulsion:
+    def from_config(cls, cfg: BIRConfig, context: PluginContext) -> DistributionRepulsion:
         return cls(cfg.lamda_rep, cfg.kl_js, cfg.rep_target, cfg.d_min)
 
     @classmethod
@@ -179,7 +102,7 @@ class DistributionRepulsion(_GatedTerm):
             return batch.mu[idx], batch.logvar[idx], state.anchors
         counts = state.membership.sum(1).clamp(min=1)
         mean_mu = state.class_mean(batch.mu)
-        # variance of the group mean: sum of variances / |G|^2 (dead code of the fork, 5.1)
+        # variance of the group mean: sum of variances / |G|^2 (the fork computed it but never used it)
         mean_lv = torch.log(state.membership @ batch.logvar.exp() / counts[:, None] ** 2 + 1e-12)
         return mean_mu[comp], mean_lv[comp], state.anchors
 
@@ -202,7 +125,8 @@ class DistributionRepulsion(_GatedTerm):
 
 
 class _ReconTarget:
-    """Shared target choice of 5.2: a replayed member of a class (default) or the class mean."""
+    """Shared target choice (docs/algorithm.md "Reconstruction repulsion and attraction"): a replayed member of a
+    class (default) or the class mean."""
 
     averaged: bool
 
@@ -210,7 +134,7 @@ class _ReconTarget:
         self.weight, self.averaged, self.recon_loss, self.d_min = weight, averaged, recon_loss, d_min
 
     @classmethod
-    def from_config(cls, cfg: BIRConfig, context: TermContext) -> _ReconTarget:
+    def from_config(cls, cfg: BIRConfig, context: PluginContext) -> _ReconTarget:
         return cls(getattr(cfg, cls.weight_field), cfg.recon_rep_aver, context.recon_loss, cfg.d_min)
 
     def _target(self, batch: ReplayBatch, classes: torch.Tensor) -> torch.Tensor:
@@ -222,7 +146,8 @@ class _ReconTarget:
 
 @register
 class ReconRepulsion(_ReconTarget, _GatedTerm):
-    """5.2: mean over anchors of 1 / max(R(target of the competing class, reconstruction), d_min)."""
+    """Mean over anchors of 1 / max(R(target of the competing class, reconstruction), d_min)
+    (docs/algorithm.md "Reconstruction repulsion and attraction")."""
 
     name = switch = "recon_repulsion"
     weight_field = "lamda_recon_rep"
@@ -243,7 +168,8 @@ class ReconRepulsion(_ReconTarget, _GatedTerm):
 
 @register
 class ReconAttraction(_ReconTarget, _AdditiveTerm):
-    """5.2: mean over ALL replayed samples of R(target of the own class, reconstruction)."""
+    """Mean over ALL replayed samples of R(target of the own class, reconstruction)
+    (docs/algorithm.md "Reconstruction repulsion and attraction")."""
 
     name = switch = "recon_attraction"
     weight_field = "lamda_recon_atr"
@@ -256,7 +182,8 @@ class ReconAttraction(_ReconTarget, _AdditiveTerm):
 
 @register
 class ContrastiveReplay(ExaggerationTerm):
-    """5.3: second views of replayed memories, projection head, SupCon loss and the encoder optimiser.
+    """Second views of replayed memories, projection head, SupCon loss and the encoder optimiser
+    (docs/algorithm.md "Supervised contrastive replay").
 
     Its objective L_con is optimised by its own optimiser (encoder and head, `--c-lr`); `optimise` runs
     that step beside the learner's main step, as `--contr-grad-mode` says. With `train=False`
@@ -270,7 +197,7 @@ class ContrastiveReplay(ExaggerationTerm):
     train = True
 
     @classmethod
-    def from_config(cls, cfg: BIRConfig, context: TermContext) -> ContrastiveReplay | None:
+    def from_config(cls, cfg: BIRConfig, context: PluginContext) -> ContrastiveReplay | None:
         return cls(cfg, context.model, context.conv, context.device, train=cls.train)
 
     @classmethod
@@ -310,9 +237,9 @@ class ContrastiveReplay(ExaggerationTerm):
         e_views = torch.cat([batch.e, batch.model.encode(view)])
         return self.loss(e_views, batch.scores)
 
-    def optimise(self, main: torch.Tensor, own: torch.Tensor, step: MainStep) -> None:
-        """Main step on L and encoder step on `own` = lamda_contr * L_con; SI follows the main objective
-        (docs/algorithm.md "Supervised contrastive replay")."""
+    def optimise(self, main: torch.Tensor, own: torch.Tensor, step: LearnerStep) -> None:
+        """Own the step: the main step on L and the encoder step on `own` = lamda_contr * L_con; the other plugins
+        (SI) see the main objective's gradient only (docs/algorithm.md "Supervised contrastive replay")."""
         step.zero_grad()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.contr_grad_mode == "reference":
@@ -322,7 +249,7 @@ class ContrastiveReplay(ExaggerationTerm):
             own.backward()
             self.optimizer.step()
             step.step()
-            step.consolidate()
+            step.after_step()
             return
         main_grads = torch.autograd.grad(main, step.params, allow_unused=True, retain_graph=True)
         own_grads = torch.autograd.grad(own, self.params, allow_unused=True)
@@ -330,11 +257,12 @@ class ContrastiveReplay(ExaggerationTerm):
             p.grad = g
         step.after_backward(main)
         step.step()
-        si_grads = step.consolidation_grads()
+        # what the main step used, before the encoder's own gradients replace fcE's .grad
+        used = {p: p.grad for p in step.params}
         for p, g in zip(self.params, own_grads, strict=True):
             p.grad = g
         self.optimizer.step()
-        step.consolidate(si_grads)
+        step.after_step(used)
 
     @torch.no_grad()
     def second_view(self, h: torch.Tensor) -> torch.Tensor:
@@ -394,7 +322,7 @@ class NotHiddenViews(ContrastiveReplay):
     train = False
 
     @classmethod
-    def from_config(cls, cfg: BIRConfig, context: TermContext) -> ContrastiveReplay | None:
+    def from_config(cls, cfg: BIRConfig, context: PluginContext) -> ContrastiveReplay | None:
         return None if cfg.contrastive else super().from_config(cfg, context)
 
     @classmethod

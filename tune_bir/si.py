@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from tune_bir.plugin import Plugin, PluginContext, TaskInfo, register
+
+if TYPE_CHECKING:
+    from tune_bir.config import BIRConfig
 
 _BUFFERS = ("W", "old", "omega", "theta_star")
 
@@ -134,3 +139,43 @@ class SynapticIntelligence:
                 self._buffers[k][n] = state[k][n].detach().to(device=p.device, dtype=p.dtype).clone()
         self.c = float(state["c"])
         self.epsilon = float(state["epsilon"])
+
+
+@register
+class SIPlugin(Plugin):
+    """`--si`: Synaptic Intelligence on the encoder and classifier as a plugin: path integral after every main
+    optimiser step, consolidation at the end of each task, the penalty's gradient added after the backward pass
+    (the same update as adding `c * penalty` to the loss, without its autograd graph)."""
+
+    name = switch = "si"
+    label = "SI"
+
+    @classmethod
+    def from_config(cls, cfg: BIRConfig, context: PluginContext) -> SIPlugin:
+        model = context.model
+        # SI scope: encoder and classifier; the rest keeps omega = 0 (difference "si-scope", docs/algorithm.md)
+        scope = ({f"fcE.{n}": p for n, p in model.fcE.named_parameters()}
+                 | {f"classifier.{n}": p for n, p in model.classifier.named_parameters()})
+        return cls(SynapticIntelligence(scope, c=cfg.c, epsilon=cfg.epsilon))
+
+    def __init__(self, si: SynapticIntelligence):
+        self.si = si
+
+    def before_task(self, info: TaskInfo) -> None:
+        self.si.begin_task()
+
+    def after_backward(self) -> Tensor:
+        return self.si.add_penalty_grad_()
+
+    def after_step(self, grads: dict[Tensor, Tensor | None] | None) -> None:
+        # explicit grads: .grad may also hold another optimiser's gradient (contrastive replay), which SI must not see
+        self.si.after_step(None if grads is None else {n: grads[p] for n, p in self.si.named_params.items()})
+
+    def after_task(self, info: TaskInfo) -> None:
+        self.si.end_task()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.si.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.si.load_state_dict(state)

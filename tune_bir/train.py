@@ -62,8 +62,7 @@ def method_label(cfg: BIRConfig) -> str:
         label = "joint"
     else:
         label = "none"
-    label += "+SI" if cfg.si else ""
-    return "+".join([label, *(term.name for term in enabled(cfg))])
+    return "+".join([label, *(plugin.method_label() for plugin in enabled(cfg))])
 
 
 def format_table(acc_history: list[list[float]]) -> str:
