@@ -13,13 +13,8 @@ from tune_bir.augment import augment_cifar, augment_mnist
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
-from tune_bir.exaggeration import (
-    DistributionRepulsion,
-    ReconAttraction,
-    ReconRepulsion,
-    ReplayBatch,
-    ReplayState,
-)
+from tune_bir.exaggeration import DistributionRepulsion, ReconAttraction, ReconRepulsion
+from tune_bir.replay_batch import ReplayBatch, ReplayState
 
 Z = 4
 
