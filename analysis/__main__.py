@@ -101,7 +101,7 @@ def _attach(tracking_uri: str, run_id: str, out: str, files: list[str]) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """(the trial table, where it came from: sweep_ref, out, source, tracking_uri, parent_run_id, confirm)."""
     from analysis import table as tables
-    from tune_bir.sweep.storage import CONFIRM_DIR, SweepFolder
+    from tune_bir.sweep.storage import CONFIRM_DIR, SweepFolder, join
     from tune_bir.tracking import default_tracking_uri
 
     if args.sweep_dir and args.sweep:
@@ -119,8 +119,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                 raise ConfigError(f"{folder}/sweep.json names no MLflow parent run; add --no-mlflow")
             _parent_run(tracking_uri, run_id)
         table = tables.load_sweep(folder.location)
-        where = {"sweep_ref": folder.location, "out": args.out or f"{folder.location}/report",
-                 "source": f"sweep folder {folder.location}", "confirm": f"{folder.location}/{CONFIRM_DIR}"}
+        where = {"sweep_ref": folder.location, "out": args.out or join(folder.location, "report"),
+                 "source": f"sweep folder {folder.location}", "confirm": join(folder.location, CONFIRM_DIR)}
     else:
         tracking_uri = default_tracking_uri(args.mlflow_uri)
         _check_store(tracking_uri)
@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 50,
                                "display.float_format", "{:.4g}".format):
             print(top.to_string(index=False))
+    for c in report.rung_correlations:
+        print(f"early stopping: rung at task {c.task}: Spearman rho {c.rho:.3g} (95 % bootstrap {c.low:.3g} to "
+              f"{c.high:.3g}) between val_acc_avg there and at the end, {c.n} completed trials (range-restricted: "
+              "trials ASHA stopped have no final score)")
     for note in report.notes:
         print(f"note: {note}")
     if confirm_note:

@@ -60,6 +60,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     importances: dict[str, float] | None = None
     confirmation: pd.DataFrame | None = None
+    rung_correlations: list = field(default_factory=list)   # tune_bir.sweep.rungs.RungCorrelation per rung
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +191,19 @@ def _save(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _zoomed_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float] | None:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    low, high = float(finite.min()), float(finite.max())
+    span = max(high - low, 1e-3)
+    return low - pad * span, high + pad * span
+
+
 def plot_task_curves(table: pd.DataFrame, path: Path) -> None:
-    """Validation accuracy after each task, one line per trial; best and baseline highlighted."""
+    """Validation accuracy after each task, one line per trial, on an axis zoomed to the trials' range; beside it
+    each trial's difference to the baseline in points. An x marks where ASHA stopped a trial, dotted lines the
+    rungs; the best trial red, the baseline black."""
     from matplotlib.lines import Line2D
 
     plt = _pyplot()
@@ -200,38 +212,80 @@ def plot_task_curves(table: pd.DataFrame, path: Path) -> None:
     columns = [f"val_acc_avg_after_task_{t}" for t in tasks]
     best = ranked(table)
     best_id = best["trial_id"].iloc[0] if len(best) else None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    baseline = _baseline(table)
+    base_curve = None if baseline is None else baseline[columns].to_numpy(dtype=float)
+    panels = 2 if base_curve is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.2), squeeze=False)
+    acc_ax, diff_ax = axes[0, 0], (axes[0, 1] if panels == 2 else None)
     styles = {COMPLETED: dict(color="tab:blue", alpha=0.45, lw=1.2),
-              STOPPED_EARLY: dict(color="0.65", alpha=0.8, lw=1.0),
-              DIVERGED: dict(color="0.65", alpha=0.8, lw=1.0, ls=":"),
-              ERRORED: dict(color="0.65", alpha=0.8, lw=1.0, ls=":"),
-              UNFINISHED: dict(color="0.65", alpha=0.8, lw=1.0, ls="--")}
+              STOPPED_EARLY: dict(color="0.55", alpha=0.8, lw=1.0),
+              DIVERGED: dict(color="0.55", alpha=0.8, lw=1.0, ls=":"),
+              ERRORED: dict(color="0.55", alpha=0.8, lw=1.0, ls=":"),
+              UNFINISHED: dict(color="0.55", alpha=0.8, lw=1.0, ls="--")}
+
+    stops: list[tuple[Any, int, float]] = []   # (axis, task, value) of each ASHA stop, to count overlaps
+
+    def draw(curve: np.ndarray, status: str, style: dict, zorder: float) -> None:
+        # ASHA's stop: the last task the trial trained (stopped trials only)
+        last = int(np.flatnonzero(np.isfinite(curve))[-1]) if np.isfinite(curve).any() else None
+        for ax, values in ((acc_ax, curve), (diff_ax, None if base_curve is None else 100 * (curve - base_curve))):
+            if ax is None:
+                continue
+            ax.plot(tasks, values, zorder=zorder, **({"marker": "o", "ms": 2.5} | style))
+            if status == STOPPED_EARLY and last is not None:
+                ax.plot(tasks[last], values[last], marker="x", ms=7, mew=1.6, color="tab:orange", zorder=6)
+                stops.append((ax, int(tasks[last]), round(float(values[last]), 9)))
+
     for row in table.to_dict("records"):
         if row["trial_id"] == best_id or row["baseline"]:
             continue
-        ax.plot(tasks, [row[c] for c in columns], marker="o", ms=2.5, **styles[row["trial_status"]])
-    baseline = _baseline(table)
-    if baseline is not None:
-        ax.plot(tasks, baseline[columns].to_numpy(dtype=float), color="black", ls="--", lw=2.2, marker="s", ms=4,
-                zorder=4)
+        draw(np.array([row[c] for c in columns], dtype=float), row["trial_status"], styles[row["trial_status"]], 2)
+    if base_curve is not None:
+        draw(base_curve, COMPLETED, dict(color="black", ls="--", lw=2.2, marker="s", ms=4), 4)
     if best_id is not None:
-        row = best.iloc[0]
-        ax.plot(tasks, row[columns].to_numpy(dtype=float), color="tab:red", lw=2.6, marker="o", ms=4, zorder=5)
+        draw(best.iloc[0][columns].to_numpy(dtype=float), COMPLETED, dict(color="tab:red", lw=2.6, ms=4), 5)
+    from collections import Counter
+
+    for (ax, task, value), count in Counter(stops).items():
+        if count > 1:   # stopped trials with equal scores sit on one mark
+            ax.annotate(f"{count}x", (task, value), xytext=(6, -3), textcoords="offset points", fontsize=7,
+                        color="tab:orange")
+    every = table[columns].to_numpy(dtype=float)
+    limits = _zoomed_limits(every)
+    if limits:
+        acc_ax.set_ylim(*limits)
+    rungs = asha_rungs(plan)
+    for ax in (acc_ax, diff_ax):
+        if ax is None:
+            continue
+        for task in rungs:
+            ax.axvline(task, color="tab:orange", ls=":", lw=1.2, zorder=1)
+        ax.set_xticks(tasks)
+        ax.set_xlabel("tasks trained")
+        ax.grid(alpha=0.3)
+    acc_ax.set_ylabel("validation accuracy (mean over tasks so far)")
+    acc_ax.set_title(f"{plan.get('name')}: {len(table)} trials, space {plan['space']['name']}", fontsize=10)
+    if diff_ax is not None:
+        diffs = 100 * (every - base_curve)
+        limits = _zoomed_limits(diffs)
+        if limits:
+            diff_ax.set_ylim(*limits)
+        diff_ax.axhline(0, color="black", lw=1.0)
+        diff_ax.set_ylabel("validation accuracy minus the baseline's (points)")
+        diff_ax.set_title("difference to the baseline (same seed, same task 1)", fontsize=10)
     legend = [Line2D([], [], color="tab:blue", alpha=0.6, label=f"{COMPLETED} trial"),
-              Line2D([], [], color="0.65", label="stopped early"),
-              Line2D([], [], color="0.65", ls=":", label="diverged / errored")]
-    if baseline is not None:
+              Line2D([], [], color="0.55", label="stopped early"),
+              Line2D([], [], color="tab:orange", marker="x", ls="", mew=1.6, label="stopped here by ASHA"),
+              Line2D([], [], color="0.55", ls=":", label="diverged / errored")]
+    if rungs:
+        legend.append(Line2D([], [], color="tab:orange", ls=":", label="ASHA rung"))
+    if base_curve is not None:
         legend.append(Line2D([], [], color="black", ls="--", lw=2.2, marker="s", label="baseline"))
     if best_id is not None:
         label = "best (= baseline)" if best.iloc[0]["baseline"] else f"best ({best_id})"
         legend.append(Line2D([], [], color="tab:red", lw=2.6, marker="o", label=label))
-    ax.legend(handles=legend, fontsize=8, frameon=False)
-    ax.set_xticks(tasks)
-    ax.set_xlabel("tasks trained")
-    ax.set_ylabel("validation accuracy (mean over tasks so far)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(f"{plan.get('name')}: {len(table)} trials, space {plan['space']['name']}", fontsize=10)
-    ax.grid(alpha=0.3)
+    acc_ax.legend(handles=legend, fontsize=7, frameon=False)
+    fig.tight_layout()
     _save(fig, path)
 
 
@@ -340,36 +394,76 @@ def plot_parallel(study: Any, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_confirmation(curves: pd.DataFrame, path: Path, title: str) -> None:
-    """Mean test acc_avg after each task with its 95 % t-band: baseline against each confirmed config."""
+def paired_curves(results: pd.DataFrame, config: str, n_tasks: int) -> pd.DataFrame:
+    """Per seed, `config` minus the baseline in test acc_avg after each task (rows: seeds, columns: tasks)."""
+    done = results[results["status"] == COMPLETED]
+    columns = [f"acc_avg_after_task_{t}" for t in range(1, n_tasks + 1) if f"acc_avg_after_task_{t}" in done]
+    mine = done[done["config"] == config].set_index("seed")[columns]
+    base = done[done["config"] == stats.BASELINE].set_index("seed")[columns]
+    seeds = mine.index.intersection(base.index)
+    diff = mine.loc[seeds].astype(float) - base.loc[seeds].astype(float)
+    diff.columns = [int(c.rsplit("_", 1)[1]) for c in columns]
+    return diff.sort_index()
+
+
+def plot_confirmation(curves: pd.DataFrame, path: Path, title: str, results: pd.DataFrame | None = None) -> None:
+    """Top row: mean test acc_avg after each task with its 95 % t-band, baseline against each confirmed config.
+    Bottom row (with `results`): each seed's paired difference to the baseline, in points, and their mean with
+    its 95 % t-interval: how many seeds agree, not only the mean."""
     plt = _pyplot()
     configs = [c for c in dict.fromkeys(curves["config"]) if c != stats.BASELINE]
-    ncols = min(3, max(1, len(configs)))
-    nrows = max(1, math.ceil(len(configs) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.2 * nrows), squeeze=False, sharey=True)
+    ncols = max(1, len(configs))
+    nrows = 2 if results is not None else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.2 * nrows), squeeze=False)
     base = curves[curves["config"] == stats.BASELINE]
-    for ax, config in zip(axes.flat, configs, strict=False):
+    tasks = sorted(curves["task"].unique())
+    for ax, config in zip(axes[0], configs, strict=False):
         mine = curves[curves["config"] == config]
         for data, colour, label, ls in ((base, "black", "baseline", "--"), (mine, "tab:red", config, "-")):
             n = int(data["n"].max()) if len(data) else 0
             ax.plot(data["task"], data["mean"], color=colour, ls=ls, marker="o", ms=3, label=f"{label} (n={n})")
             ax.fill_between(data["task"], data["low"], data["high"], color=colour, alpha=0.18, lw=0)
-        ax.set_xticks(sorted(curves["task"].unique()))
+        ax.set_xticks(tasks)
         ax.set_xlabel("tasks trained")
         ax.set_title(config, fontsize=10)
         ax.legend(fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test acc_avg (mean, 95 % CI)")
-    for ax in list(axes.flat)[len(configs):]:
-        ax.set_visible(False)
+    axes[0, 0].set_ylabel("test acc_avg (mean, 95 % CI)")
+    shared = [ax.get_ylim() for ax in axes[0]]
+    low, high = min(y[0] for y in shared), max(y[1] for y in shared)
+    for ax in axes[0]:
+        ax.set_ylim(low, high)
+    if results is not None:
+        n_tasks = int(max(tasks))
+        for ax, config in zip(axes[1], configs, strict=False):
+            diff = 100 * paired_curves(results, config, n_tasks)
+            for seed, row in diff.iterrows():
+                ax.plot(row.index, row.to_numpy(), color="tab:red", alpha=0.35, lw=0.9, marker="o", ms=2)
+                ax.annotate(str(seed), (row.index[-1], row.iloc[-1]), xytext=(3, 0), textcoords="offset points",
+                            fontsize=6, color="0.35", va="center")
+            mean = diff.mean()
+            band = np.array([stats.t_interval(diff[t].dropna().to_numpy()) for t in diff.columns])
+            ax.plot(diff.columns, mean.to_numpy(), color="tab:red", lw=2.2, label=f"mean of {len(diff)} seeds")
+            if len(band):
+                ax.fill_between(diff.columns, band[:, 0], band[:, 1], color="tab:red", alpha=0.15, lw=0,
+                                label="95 % CI of the mean")
+            final = diff[diff.columns[-1]] if len(diff.columns) else pd.Series(dtype=float)
+            above = int((final > 0).sum())
+            ax.axhline(0, color="black", lw=1.0, ls="--")
+            ax.set_xticks(tasks)
+            ax.set_xlabel("tasks trained")
+            ax.set_title(f"{config} - baseline, per seed ({above} of {len(final)} above 0 at the end)", fontsize=9)
+            ax.legend(fontsize=7, frameon=False, loc="lower left")
+            ax.grid(alpha=0.3)
+        axes[1, 0].set_ylabel("paired difference (points of test acc_avg)")
+        limits = [ax.get_ylim() for ax in axes[1]]
+        for ax in axes[1]:   # one scale: configs compare at a glance
+            ax.set_ylim(min(y[0] for y in limits), max(y[1] for y in limits))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# report.md
 def _fmt(value: Any) -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -464,6 +558,49 @@ def _confirmation_section(confirmation: Confirmation, table: pd.DataFrame, plot:
 
 
 # ---------------------------------------------------------------------------------------------
+def asha_rungs(plan: Mapping[str, Any]) -> list[int]:
+    """The tasks at which the sweep's ASHA compared trials (none for a sweep.json without ASHA settings)."""
+    from tune_bir.sweep.rungs import rung_tasks
+
+    return rung_tasks(plan["asha"]) if plan.get("asha") else []
+
+
+def early_stopping(table: pd.DataFrame) -> list:
+    """Spearman's rho between val_acc_avg at each ASHA rung and at the end, over the completed trials: the
+    weaker, range-restricted estimate (trials ASHA stopped have no final score; docs/sweep.md
+    "Is early stopping informative?")."""
+    from tune_bir.sweep.rungs import rung_correlations
+
+    plan = table.attrs["plan"]
+    tasks, last = asha_rungs(plan), n_tasks(plan)
+    done = _completed(table)
+    curves = {row["trial_id"]: {t: row[f"{SELECTION_METRIC}_after_task_{t}"] for t in range(1, last + 1)}
+              for row in done.to_dict("records")}
+    final = {t: c[last] for t, c in curves.items()}
+    return rung_correlations(curves, final, tasks, restricted=True,
+                             seed=int(plan.get("resolved_base_config", {}).get("seed", 0)))
+
+
+def _early_stopping_section(correlations: list) -> list[str]:
+    from tune_bir.sweep.rungs import LOW_RHO, MIN_TRIALS
+
+    lines = ["## Is early stopping informative?", "",
+             f"Spearman's rho between `{SELECTION_METRIC}` at each ASHA rung and at the end, over the completed "
+             "trials, with a 95 % bootstrap interval. Only trials that passed every rung have a final score, so "
+             "this is a **range-restricted, weaker estimate**: the stopped trials are missing. A full-budget "
+             "reference (every config to the end, `benchmarks/asha_reference.py`) measures it properly.", "",
+             "| rung (task) | trials | rho | 95 % interval |", "|---|---|---|---|"]
+    for c in correlations:
+        lines.append(f"| {c.task} | {c.n} | {_fmt(c.rho)} | {_fmt(c.low)} to {_fmt(c.high)} |")
+    low = [c for c in correlations if c.n >= MIN_TRIALS and c.is_low]
+    if low:
+        lines += ["", f"rho below {LOW_RHO} at task(s) {', '.join(str(c.task) for c in low)}: stops there are "
+                  "close to a coin toss; give a later `--grace-period` or `--seeds-per-trial` > 1."]
+    elif correlations and all(c.n < MIN_TRIALS for c in correlations):
+        lines += ["", f"Fewer than {MIN_TRIALS} completed trials: too few to say."]
+    return lines + [""]
+
+
 def _write_table(table: pd.DataFrame, out: Path) -> None:
     plain = table.copy()
     plain.attrs = {}
@@ -514,8 +651,10 @@ def _write_local(table: pd.DataFrame, out: Path, *, k: int, sweep_ref: str | Non
 
     plot_task_curves(table, out / TASK_PLOT)
     files.append(TASK_PLOT)
-    plots = [(TASK_PLOT, "Validation accuracy (mean over the tasks seen so far) after each task, one line per "
-              "trial; stopped-early and failed trials grey, the best completed trial red, the baseline black dashed.")]
+    plots = [(TASK_PLOT, "Left: validation accuracy (mean over the tasks seen so far) after each task, one line per "
+              "trial, on an axis zoomed to the trials' range; right: each trial minus the baseline, in points. "
+              "Stopped-early and failed trials grey, an orange x where ASHA stopped a trial, dotted lines at its "
+              "rungs; the best completed trial red, the baseline black dashed.")]
     if plot_params(table, out / PARAMS_PLOT):
         files.append(PARAMS_PLOT)
         plots.append((PARAMS_PLOT, f"Each tuned parameter against the final `{SELECTION_METRIC}` of the completed "
@@ -550,7 +689,7 @@ def _write_local(table: pd.DataFrame, out: Path, *, k: int, sweep_ref: str | Non
         if has_curves and len(confirm_table) > 1:
             seeds = ", ".join(map(str, confirmation.spec.get("seeds", [])))
             plot_confirmation(stats.curves(confirmation.results, tasks), out / CONFIRM_PLOT,
-                              f"{name}: confirmation on seeds {seeds}")
+                              f"{name}: confirmation on seeds {seeds}", results=confirmation.results)
             files.append(CONFIRM_PLOT)
 
     counts = status_counts(table)
@@ -581,6 +720,9 @@ def _write_local(table: pd.DataFrame, out: Path, *, k: int, sweep_ref: str | Non
         lines += [f"![{file}]({file})", "", caption, ""]
     if notes:
         lines += ["Not shown: " + "; ".join(notes) + ".", ""]
+    correlations = early_stopping(table)
+    if correlations:
+        lines += _early_stopping_section(correlations)
     lines += ["## What the numbers show, and what they do not", ""]
     lines += [f"- {line}" for line in _caveats(table, sweep_ref, confirmation is not None)] + [""]
     if confirm_table is not None and confirmation is not None:
@@ -588,7 +730,7 @@ def _write_local(table: pd.DataFrame, out: Path, *, k: int, sweep_ref: str | Non
     (out / REPORT_FILE).write_text("\n".join(lines))
     files.append(REPORT_FILE)
     return Report(out=str(out), files=files, top=top, notes=notes, importances=importances,
-                  confirmation=confirm_table)
+                  confirmation=confirm_table, rung_correlations=correlations)
 
 
 def read_confirmation(location: str) -> Confirmation | None:

@@ -9,7 +9,6 @@ trial (re-used, never duplicated) and a parent run that ends FINISHED.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -33,13 +32,45 @@ SWEEP = [sys.executable, "-m", "tune_bir.sweep"]
 
 
 def saved_trial_statuses(sweep_dir: Path) -> dict[str, str]:
-    """Tune trial id -> status in the newest experiment state Tune saved ({} while none is readable)."""
-    files = sorted(glob.glob(str(sweep_dir / "experiment_state-*.json")))
+    """Tune trial id -> status in the newest experiment state Tune saved ({} while none is readable); `sweep_dir`
+    is a Path or anything with its glob and read_text (tests/s3_fixtures.py ArrowPath)."""
+    files = sorted(sweep_dir.glob("experiment_state-*.json"))
     try:
-        data = json.loads(Path(files[-1]).read_text())
+        data = json.loads(files[-1].read_text())
         return {t["trial_id"]: t["status"] for t in (json.loads(entry[0]) for entry in data["trial_data"])}
     except (IndexError, OSError, ValueError, KeyError):
         return {}
+
+
+def check_resumed_sweep(sweep_dir: Path, plan: dict, finished: set[str], before: dict[str, list[dict]],
+                        checkpointed: dict[str, int], n_trials: int) -> None:
+    """A sweep killed with `finished` trials saved as such, `before` their result lines and `checkpointed` their
+    newest checkpoints, then resumed: every trial done, none run again or from scratch, one MLflow run per trial
+    with each task logged once, one parent run, FINISHED. `sweep_dir`: a Path or an ArrowPath (S3)."""
+    after = results(sweep_dir)
+    assert len(after) == n_trials and all(lines[-1].get("done") for lines in after.values())
+    for trial_id in finished:                       # saved as finished: not run again
+        assert len(after[trial_id]) == len(before[trial_id])
+    for trial_id, lines in after.items():
+        new = lines[len(before.get(trial_id, [])):]
+        iterations = [r["training_iteration"] for r in new]
+        if new and checkpointed.get(trial_id, 0) > 0:
+            # from its newest checkpoint, not from scratch
+            assert 1 < iterations[0] <= checkpointed[trial_id] + 1, (trial_id, checkpointed, iterations)
+        if new:
+            assert iterations == list(range(iterations[0], iterations[0] + len(new)))
+
+    client = MlflowClient(plan["mlflow"]["tracking_uri"])
+    runs = child_runs(plan)
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(after)          # one run per trial
+    assert all(r.info.status != "RUNNING" and "trial_status" in r.data.tags for r in runs)
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc_avg")]
+        assert steps == list(range(1, len(steps) + 1))                              # none twice, none missing
+    assert client.get_run(plan["mlflow"]["parent_run_id"]).info.status == "FINISHED"
+    assert len(client.search_runs([plan["mlflow"]["experiment_id"]])) == len(runs) + 1   # no second parent
+    rows = (sweep_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + n_trials
 
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning_or_duplicating(tmp_path):
@@ -81,29 +112,7 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning_or_duplica
         output = second.communicate(timeout=900)[0]
         assert second.returncode == 0, output[-3000:]
 
-        after = results(sweep_dir)
-        assert len(after) == 3 and all(lines[-1].get("done") for lines in after.values())
-        for trial_id in finished:                       # saved as finished: not run again
-            assert len(after[trial_id]) == len(before[trial_id])
-        for trial_id, lines in after.items():
-            new = lines[len(before.get(trial_id, [])):]
-            iterations = [r["training_iteration"] for r in new]
-            if new and checkpointed.get(trial_id, 0) > 0:
-                # from its newest checkpoint, not from scratch
-                assert 1 < iterations[0] <= checkpointed[trial_id] + 1, (trial_id, checkpointed, iterations)
-            if new:
-                assert iterations == list(range(iterations[0], iterations[0] + len(new)))
-
-        runs = child_runs(plan)
-        assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(after)          # one run per trial
-        assert all(r.info.status != "RUNNING" and "trial_status" in r.data.tags for r in runs)
-        for run in runs:
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc_avg")]
-            assert steps == list(range(1, len(steps) + 1))                              # none twice, none missing
-        assert client.get_run(plan["mlflow"]["parent_run_id"]).info.status == "FINISHED"
-        assert len(client.search_runs([plan["mlflow"]["experiment_id"]])) == len(runs) + 1   # no second parent
-        rows = (sweep_dir / "results.csv").read_text().splitlines()
-        assert len(rows) == 1 + 3
+        check_resumed_sweep(sweep_dir, plan, finished, before, checkpointed, n_trials=3)
     finally:
         for session in sessions:                        # only what this test started
             kill_cluster_processes({session}, ray_tmp)

@@ -12,6 +12,7 @@ from tune_bir.sweep.plan import (
     build_parser,
     check_confirm_options,
     check_resume_options,
+    check_study_exists,
     given_options,
     plan_from_args,
     resume_folder,
@@ -45,6 +46,7 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     if options.resume:
         plan = SweepPlan.load(resume_folder(options))
         check_resume_options(args, given, plan)
+        check_study_exists(plan)
         connection = options   # where to run it is this call's choice; how, the sweep's own
     else:
         plan = plan_from_args(args, argv)   # the storage path is probed there

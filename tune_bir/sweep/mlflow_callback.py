@@ -41,12 +41,29 @@ _SKIP_KEYS = (set(AUTO_RESULT_KEYS) - {"time_total_s"}) | {"done", "diverged", "
                                                            "experiment_tag", "should_checkpoint"}
 _RUN_STATUS = {COMPLETED: "FINISHED", STOPPED_EARLY: "FINISHED"}   # diverged / errored -> FAILED
 _MAX_PARAMS_PER_BATCH = 100
+# MLflow 3 keeps an experiment's kind in this tag (its UI and demo write it; custom_model_development = model
+# training). MLflow 3.17's UI no longer reads it: it opens every experiment on the view of its GenAI / Model
+# training switch, which the `workflowType` URL parameter sets (default: GenAI, whose overview hides the runs),
+# so the sweep sets the tag for the clients that read it and prints its experiment's address with the parameter
+# (docs/ray-optuna-mlflow.md "MLflow")
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The address of an experiment's runs in `mlflow ui`, in the model-training view."""
+    return f"{ui}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Id of the MLflow experiment `name`, created when missing."""
+    """Id of the MLflow experiment `name`, created when missing; marked as a model-training experiment unless a
+    kind was chosen for it already."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def result_metrics(result: dict[str, Any]) -> dict[str, float]:

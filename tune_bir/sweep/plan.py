@@ -37,6 +37,8 @@ SWEEP_BASE: dict[str, Any] = {"replay": "generative", "brain_inspired": True, "s
 DEMO_ITERS = 150
 # train flags that make no sense per trial (outputs of a single run)
 EXCLUDED_FLAGS = RUN_OUTPUT_FIELDS
+# the sweep's Optuna study (docs/sweep.md "Optuna reporting"): an SQLite file unless --optuna-storage says otherwise
+OPTUNA_FILE = "optuna.db"
 
 EXAMPLES = """Examples:
   python -m tune_bir.sweep
@@ -72,6 +74,7 @@ class SweepOptions:
     resume: bool = False
     mlflow_uri: str | None = None
     mlflow_experiment: str = "tune_bir-sweep"
+    optuna_storage: str | None = None         # None: default_optuna_storage(folder)
     config: str | None = None
     no_brain_inspired: bool = False
     no_si: bool = False
@@ -160,6 +163,10 @@ def build_parser() -> OneLineArgumentParser:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db here)")
     s.add_argument("--mlflow-experiment", default=d.mlflow_experiment,
                    help=f"MLflow experiment name (default: {d.mlflow_experiment})")
+    s.add_argument("--optuna-storage", metavar="URL", default=d.optuna_storage,
+                   help=f"Optuna storage (an SQLAlchemy URL, e.g. postgresql://HOST/DB) holding the sweep's study, "
+                        f"named after the sweep (default: sqlite {OPTUNA_FILE} in the sweep folder when it is local, "
+                        f"else {OPTUNA_FILE} in the driver's working directory)")
     s.add_argument("--config", metavar="FILE", help="JSON object of base config fields; flags override it")
     for name, value in SWEEP_BASE.items():
         if value is True:
@@ -205,6 +212,11 @@ class SweepPlan:
     sweep_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created: str = field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
     mlflow: MlflowLocation | None = None
+    optuna_storage: str | None = None    # the study's storage URL (None: in memory, sweeps from before it existed)
+
+    @property
+    def study_name(self) -> str:
+        return self.name
 
     @property
     def n_tasks(self) -> int:
@@ -239,7 +251,8 @@ class SweepPlan:
                          "grace_period": self.grace_t, "reduction_factor": self.options.reduction_factor,
                          "segments_per_task": self.segments_per_task},
                 "optuna": {"sampler": "TPESampler", "seed": self.resolved.seed,
-                           "n_startup_trials": self.options.startup_trials},
+                           "n_startup_trials": self.options.startup_trials, "storage": self.optuna_storage,
+                           "study_name": self.study_name},
                 "cli": {"argv": self.argv, "args": self.options.to_dict()},
                 "mlflow": None if self.mlflow is None else dataclasses.asdict(self.mlflow),
                 "versions": package_versions(), "git_commit": git_commit()}
@@ -256,7 +269,8 @@ class SweepPlan:
                        segments_per_task=data["asha"]["segments_per_task"],
                        options=SweepOptions.from_dict(data["cli"]["args"]), argv=data["cli"]["argv"],
                        sweep_id=data["sweep_id"], created=data["created"],
-                       mlflow=MlflowLocation(**data["mlflow"]) if data.get("mlflow") else None)
+                       mlflow=MlflowLocation(**data["mlflow"]) if data.get("mlflow") else None,
+                       optuna_storage=data.get("optuna", {}).get("storage"))
         except (KeyError, TypeError, ConfigError) as err:
             raise ConfigError(f"{SWEEP_FILE} of sweep {data.get('name', '?')!r} is not one this version wrote "
                               f"({type(err).__name__}: {err})") from err
@@ -351,9 +365,84 @@ def plan_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> S
     check_storage(options.storage_path)   # bounded: an unreachable storage URI would hang the next call
     if folder.exists(SWEEP_FILE):
         raise ConfigError(f"sweep folder {folder} exists: add --resume to continue it, or choose another --name")
+    storage = options.optuna_storage or default_optuna_storage(folder)
+    check_optuna_storage(storage, name, given=options.optuna_storage is not None)
     return SweepPlan(name=name, folder=folder, space=space, base_config=user_base, trial_base=trial_base,
                      resolved=resolved, segments_per_task=segments_per_task, options=options,
-                     argv=list(sys.argv[1:] if argv is None else argv))
+                     argv=list(sys.argv[1:] if argv is None else argv), optuna_storage=storage)
+
+
+def default_optuna_storage(folder: SweepFolder) -> str:
+    """SQLite in the sweep folder when it is local; beside the driver (its working directory) when the folder is a
+    URI, which SQLite cannot open."""
+    where = Path(folder.location) if folder.is_local else Path.cwd()
+    return f"sqlite:///{where / OPTUNA_FILE}"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL (None for another database)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
+def check_optuna_storage(url: str, study_name: str, given: bool) -> None:
+    """The study's storage can hold a new study of this name: a well-formed URL, an SQLite file's folder present,
+    and (for a storage that already exists) no study of that name in it yet."""
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        file = sqlite_file(url)
+    except ArgumentError:
+        raise ConfigError(f"--optuna-storage {url} is not a database URL (e.g. sqlite:////abs/optuna.db, "
+                          "postgresql://HOST/DB)") from None
+    if file is not None:
+        if not file.is_absolute():
+            raise ConfigError(f"--optuna-storage {url}: give an absolute SQLite path (four slashes, "
+                              "sqlite:////abs/optuna.db): a resumed sweep may run in another directory")
+        if given and not file.parent.is_dir():
+            raise ConfigError(f"--optuna-storage {url}: folder {file.parent} does not exist")
+        if not file.is_file():
+            return   # a new database: no study in it yet
+    import optuna
+
+    try:
+        names = optuna.study.get_all_study_names(optuna_storage(url))
+    except Exception as err:   # SQLAlchemy's errors differ by database and driver
+        raise ConfigError(f"cannot open the Optuna storage {url}: {str(err).splitlines()[0]}") from None
+    if study_name in names:
+        raise ConfigError(f"the Optuna storage {url} already holds a study {study_name!r}: choose another --name, or "
+                          "add --resume to continue that sweep")
+
+
+def check_study_exists(plan: SweepPlan) -> None:
+    """A resumed sweep's Optuna study is still where it began (checked before Ray starts)."""
+    url = plan.optuna_storage
+    if url is None:
+        return   # a sweep from before the study had a storage: its searcher state holds it
+    file = sqlite_file(url)
+    if file is not None and not file.is_file():
+        raise ConfigError(f"the Optuna study of sweep {plan.name} was in {file}, which is gone: resume where the "
+                          "sweep's driver ran (the file is beside it, or in the sweep folder), or copy it back there")
+    import optuna
+
+    try:
+        names = optuna.study.get_all_study_names(optuna_storage(url))
+    except Exception as err:   # SQLAlchemy's errors differ by database and driver
+        raise ConfigError(f"cannot open the Optuna storage {url} of sweep {plan.name}: "
+                          f"{str(err).splitlines()[0]}") from None
+    if plan.study_name not in names:
+        raise ConfigError(f"the Optuna storage {url} holds no study {plan.study_name!r}: it is not the one sweep "
+                          f"{plan.name} began with")
+
+
+def optuna_storage(url: str):
+    """The Optuna RDB storage at `url` (an SQLite file waits up to 30 s for a lock, not 5)."""
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 # What a confirmation and a resumed sweep take from this command line: where and how fast to run (the

@@ -214,11 +214,15 @@ def new_tuner(plan: SweepPlan):
 
     from trainables.bir import SCHEDULER_METRIC
     from tune_bir.sweep.mlflow_callback import MlflowSweepCallback
+    from tune_bir.sweep.plan import optuna_storage
     from tune_bir.sweep.search import TruthfulOptunaSearch
 
     o = plan.options
     sampler = optuna.samplers.TPESampler(seed=plan.resolved.seed, n_startup_trials=o.startup_trials)
-    searcher = TruthfulOptunaSearch(plan.space, metric=METRIC, mode=MODE, n_tasks=plan.n_tasks, sampler=sampler)
+    # the study lives in a database (optuna-dashboard reads it as trials finish), not only in Ray's searcher state
+    storage = optuna_storage(plan.optuna_storage) if plan.optuna_storage else None
+    searcher = TruthfulOptunaSearch(plan.space, metric=METRIC, mode=MODE, n_tasks=plan.n_tasks, sampler=sampler,
+                                    storage=storage, study_name=plan.study_name)
     searcher.enqueue_baseline()
     scheduler = baseline_keeping_asha(time_attr="training_iteration", metric=SCHEDULER_METRIC, mode=MODE,
                                       max_t=plan.max_t, grace_period=plan.grace_t, reduction_factor=o.reduction_factor)

@@ -41,8 +41,10 @@ class OptunaSpace:
 class TruthfulOptunaSearch(OptunaSearch):
     """OptunaSearch that reports ASHA-stopped trials PRUNED (with intermediate values), errors FAIL."""
 
-    def __init__(self, space: SearchSpace, *, metric: str, mode: str, sampler: Any, n_tasks: int):
-        super().__init__(space=OptunaSpace(space), metric=metric, mode=mode, sampler=sampler)
+    def __init__(self, space: SearchSpace, *, metric: str, mode: str, sampler: Any, n_tasks: int,
+                 storage: Any = None, study_name: str | None = None):
+        super().__init__(space=OptunaSpace(space), metric=metric, mode=mode, sampler=sampler, storage=storage,
+                         study_name=study_name)
         self.n_tasks = n_tasks
 
     @property
@@ -59,13 +61,29 @@ class TruthfulOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
         return config
 
+    def restore(self, checkpoint_path: str) -> None:
+        """The searcher state Tune saved last; with a database storage, trials the study began after that save (the
+        driver died before the next) were never run by Tune, so they are told FAIL instead of staying RUNNING."""
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        for orphan in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if orphan.number not in known:
+                self._ot_study._storage.set_trial_user_attr(orphan._trial_id, "trial_status", "never_run")
+                self._ot_study.tell(orphan.number, state=TrialState.FAIL)
+
+    def _finished_in_study(self, trial_id: str) -> bool:
+        """The study (a database) has this trial finished already: told before the driver died, after Tune's last
+        save; Tune runs it again from its checkpoint, and the study keeps what it was told first."""
+        ot_trial = self._ot_trials[trial_id]
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._completed_trials:
             self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: dict | None) -> None:
         value = (result or {}).get(self.metric)
-        if not is_finite_number(value) or "training_iteration" not in result:
+        if not is_finite_number(value) or "training_iteration" not in result or self._finished_in_study(trial_id):
             return
         with warnings.catch_warnings():
             # a trial restored from a checkpoint may report a step again: Optuna keeps the first value
@@ -78,6 +96,9 @@ class TruthfulOptunaSearch(OptunaSearch):
         # Tune does not pass the result on which a scheduler stopped a trial to on_trial_result:
         # without it, a pruned trial would be ranked by its score one rung earlier
         self._report(trial_id, result)
+        if self._finished_in_study(trial_id):
+            self._completed_trials.add(trial_id)
+            return
         ot_trial = self._ot_trials[trial_id]
         status = trial_status(result, error, self.n_tasks)
         ot_trial.set_user_attr("trial_status", status)

@@ -18,26 +18,32 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def join(location: str, *parts: str) -> str:
+    """`location/part/...`; a URI's query (`s3://b/p?endpoint_override=HOST:PORT&scheme=http`, which pyarrow and
+    Ray read) stays at the end."""
+    base, mark, query = location.partition("?") if is_uri(location) else (location, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
+
+
 class SweepFolder:
     """The folder of one sweep, `<storage-path>/<name>`: a local path, or a URI (s3://, gs://) on a cluster."""
 
     def __init__(self, root: str, name: str):
         self.root, self.name = root, name
-        self.location = f"{root}/{name}"
+        self.location = join(root, name)
 
     @classmethod
     def at(cls, storage_path: str, name: str) -> SweepFolder:
-        root = storage_path.rstrip("/") if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
+        root = join(storage_path) if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
         return cls(root, name)
 
     @classmethod
     def of(cls, location: str) -> SweepFolder:
         """The sweep folder at a full location (`<storage-path>/<name>`), as the user names a finished sweep."""
-        location = location.rstrip("/")
-        if not is_uri(location):
-            location = str(Path(location).expanduser().resolve())
-        root, _, name = location.rpartition("/")
-        return cls(root, name)
+        base, mark, query = location.partition("?") if is_uri(location) else (location, "", "")
+        base = base.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
+        root, _, name = base.rpartition("/")
+        return cls(root + mark + query, name)
 
     def sub(self, name: str) -> SweepFolder:
         """A folder inside this one, e.g. the confirmation runs."""
@@ -63,14 +69,14 @@ class SweepFolder:
     def exists(self, file: str) -> bool:
         import pyarrow.fs
 
-        fs, path = self._fs(f"{self.location}/{file}")
+        fs, path = self._fs(join(self.location, file))
         try:
             return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
         except OSError as err:
             raise ConfigError(f"cannot read --storage-path {self.root}: {err}") from err
 
     def read_text(self, file: str) -> str:
-        fs, path = self._fs(f"{self.location}/{file}")
+        fs, path = self._fs(join(self.location, file))
         with fs.open_input_stream(path) as f:
             return f.read().decode()
 

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from search_spaces import EXAGGERATION_OFF
@@ -17,7 +17,7 @@ from tune_bir.fields import flag_name
 from tune_bir.sweep.plan import METRIC, PROG, SweepPlan
 from tune_bir.sweep.run import save_to_sweep, search_alg
 from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, status_counts, trial_status
-from tune_bir.sweep.storage import BEST_FILE, RESULTS_FILE, SWEEP_FILE, is_uri
+from tune_bir.sweep.storage import BEST_FILE, RESULTS_FILE, SWEEP_FILE, is_uri, join
 from tune_bir.terms import idle_fields
 from tune_bir.train import PROG as TRAIN_PROG
 
@@ -38,6 +38,7 @@ class SweepOutcome:
     interrupted: bool
     searcher: Any
     result_grid: Any
+    rung_correlations: list = field(default_factory=list)   # tune_bir.sweep.rungs.RungCorrelation per rung
 
     @property
     def sweep_dir(self) -> str:
@@ -126,6 +127,38 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return table.getvalue()
 
 
+def completed_curves(grid: Any, plan: SweepPlan, rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Trial id -> {task: val_acc_avg after it} of the completed trials (from each trial's progress.csv)."""
+    completed = {r["trial_id"] for r in rows if r["status"] == COMPLETED}
+    iters = plan.resolved.iters
+    curves: dict[str, dict[int, float]] = {}
+    for result in grid:
+        frame = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id not in completed or frame is None or METRIC not in frame or "iters_done" not in frame:
+            continue
+        ends = frame[frame["iters_done"] == frame["task"] * iters]
+        curves[trial_id] = {int(t): float(v) for t, v in zip(ends["task"], ends[METRIC], strict=True)}
+    return curves
+
+
+def rung_check(grid: Any, plan: SweepPlan, rows: list[dict[str, Any]]) -> list:
+    """How well ASHA's rung scores rank the completed trials' final scores (a range-restricted estimate)."""
+    from tune_bir.sweep.rungs import rung_correlations, rung_tasks
+
+    tasks = rung_tasks({"grace_period": plan.grace_t, "reduction_factor": plan.options.reduction_factor,
+                        "max_t": plan.max_t, "segments_per_task": plan.segments_per_task})
+    if not tasks:
+        return []
+    try:
+        curves = completed_curves(grid, plan, rows)
+    except Exception:   # a diagnostic: an unreadable progress file must not fail the sweep's summary
+        log.warning("could not read the trials' per-task scores for the rung check", exc_info=True)
+        return []
+    final = {t: c[plan.n_tasks] for t, c in curves.items() if plan.n_tasks in c}
+    return rung_correlations(curves, final, tasks, restricted=True, seed=plan.resolved.seed)
+
+
 def summarise(plan: SweepPlan, grid: Any, tuner: Any, budget_spent: bool) -> SweepOutcome:
     """Rank the trials, write results.csv and best_config.json, and close the MLflow parent run."""
     from mlflow.entities import Metric, RunTag
@@ -153,10 +186,12 @@ def summarise(plan: SweepPlan, grid: Any, tuner: Any, budget_spent: bool) -> Swe
     client.log_batch(parent_run_id, tags=[RunTag(f"trials_{k}", str(v)) for k, v in status_counts(rows).items()])
     client.set_terminated(parent_run_id, status="KILLED" if unfinished else "FINISHED")
     return SweepOutcome(plan=plan, rows=rows, best=best, best_values=values, interrupted=unfinished,
-                        searcher=search_alg(tuner), result_grid=grid)
+                        searcher=search_alg(tuner), result_grid=grid, rung_correlations=rung_check(grid, plan, rows))
 
 
 def print_summary(outcome: SweepOutcome) -> None:
+    from tune_bir.sweep.mlflow_callback import runs_page
+
     plan = outcome.plan
     storage = shlex.quote(plan.folder.root)
     counts = status_counts(outcome.rows)
@@ -183,13 +218,18 @@ def print_summary(outcome: SweepOutcome) -> None:
         if baseline is not None and baseline["status"] == COMPLETED and not best["baseline"]:
             print(f"  baseline: {METRIC} {baseline['val_acc_avg']:.4f} (test acc_avg {baseline['acc_avg']:.4f})")
         n_completed = counts[COMPLETED]
+        from tune_bir.sweep.rungs import warnings_for
+
+        o = plan.options
+        for line in warnings_for(outcome.rung_correlations, o.seeds_per_trial, o.grace_period, plan.n_tasks):
+            print(line)
         print(f"this is a single-seed candidate, the best of {n_completed} completed configs on one validation "
               "split: the maximum of many noisy scores beats the baseline by chance alone. Confirm it on fresh "
               "seeds (top 3 and the baseline, 8 seeds each, paired test):")
         print(f"  {PROG} --confirm {shlex.quote(plan.folder.location)}")
         print("run it alone:")
         print(f"  {train_command(outcome.best_values)}")
-        best_file = f"{outcome.sweep_dir}/{BEST_FILE}"
+        best_file = join(outcome.sweep_dir, BEST_FILE)
         if is_uri(best_file):
             print(f"  or: copy {best_file} here and run {TRAIN_PROG} --config {BEST_FILE}")
         else:
@@ -197,4 +237,8 @@ def print_summary(outcome: SweepOutcome) -> None:
     print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
           f"{outcome.parent_run_id} in experiment '{plan.mlflow.experiment_name}'")
     print(f"analyse: python -m analysis {shlex.quote(outcome.sweep_dir)}")
-    print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)} --host 127.0.0.1")
+    print(f"browse: mlflow ui --backend-store-uri {shlex.quote(outcome.tracking_uri)} --host 127.0.0.1 --port 5000, "
+          f"then {runs_page(plan.mlflow.experiment_id)}")
+    if plan.optuna_storage:
+        print(f"  and: optuna-dashboard {shlex.quote(plan.optuna_storage)} --host 127.0.0.1 --port 8080 "
+              f"(study {plan.study_name})")

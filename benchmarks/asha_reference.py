@@ -1,0 +1,124 @@
+"""The full-budget reference of a finished sweep: each of its trials' configs trained to the end with the sweep's seed.
+
+Reads a sweep's trial table (`docs/results/<space>/trials.csv`, as `python -m analysis` writes it) and its
+`sweep.json`, rebuilds every trial's learner config (the trial base config, the space's fixed fields and the
+trial's values), and runs `python -m tune_bir.train --config FILE --seed SEED --threads 1` for each, at most
+`--jobs` at a time under `nice`. `--code DIR` runs another checkout (e.g. a frozen commit: the numbers must
+come from the code that ran the sweep). Writes one row per trial: its validation and test scores after every
+task, the ASHA score `val_score` as the sweep computed it, and whether the run reproduced the sweep's own
+numbers for the tasks the trial trained.
+
+    python benchmarks/asha_reference.py docs/results/repulsion --out docs/results/repulsion/reference.csv \
+        --code /work/frozen --only stopped_early
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TIE_RANK_CODE = (
+    "import json, sys; from trainables.bir import tie_rank; "
+    "print(json.dumps([tie_rank(c) for c in json.load(sys.stdin)]))")
+
+
+def trial_configs(sweep_dir: Path) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
+    """The trial table, each trial's learner config (as the sweep's trial got it) and the sweep's seed."""
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    trials = pd.read_csv(sweep_dir / "trials.csv", dtype={"trial_id": str})
+    base = dict(plan["trial_base_config"])
+    fixed = plan["space"]["fixed"]
+    params = plan["space"]["params"]
+    configs = []
+    for row in trials.itertuples(index=False):
+        if row.baseline:
+            cfg = dict(plan["baseline_config"])
+        else:
+            cfg = {**base, **fixed}
+            for name, spec in params.items():
+                when = spec.get("when", {})
+                if all(cfg.get(k) == v for k, v in when.items()):
+                    value = getattr(row, name)
+                    cfg[name] = value.item() if hasattr(value, "item") else value
+        # the CSV stores booleans and ints as pandas reads them; the config wants plain JSON values
+        cfg = {k: (bool(v) if isinstance(v, bool) or str(v) in ("True", "False") else v) for k, v in cfg.items()}
+        for name, spec in params.items():
+            if spec["distribution"] == "int" and name in cfg:
+                cfg[name] = int(cfg[name])
+        configs.append(cfg)
+    return trials, configs, int(plan["resolved_base_config"]["seed"])
+
+
+def _record(work: Path, name: str) -> dict[str, Any]:
+    # train writes <results-dir>/<run-name>.json; the config file was written beside it under another name
+    return json.loads((work / "records" / f"{name}.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="folder with the sweep's trials.csv and sweep.json")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to write (one row per trial)")
+    parser.add_argument("--code", type=Path, default=None, help="checkout whose code runs the trials")
+    parser.add_argument("--only", default=None, help="run only trials of this status (e.g. stopped_early)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    args = parser.parse_args(argv)
+    trials, configs, seed = trial_configs(args.sweep_dir)
+    env = dict(os.environ, **({"PYTHONPATH": str(args.code)} if args.code else {}))
+    ranks = json.loads(subprocess.run([sys.executable, "-c", TIE_RANK_CODE], input=json.dumps(configs), env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+    chosen = [i for i, row in trials.iterrows() if args.only is None or row["trial_status"] == args.only]
+    work = Path(tempfile.mkdtemp(prefix="asha_reference_"))
+    (work / "records").mkdir()
+
+    def job(i: int) -> dict[str, Any]:
+        name = f"ref_{trials.loc[i, 'trial_id']}"
+        cfg_file = work / f"{name}.cfg.json"
+        cfg_file.write_text(json.dumps({k: v for k, v in configs[i].items()
+                                        if k not in ("data_dir", "pretrained_conv")}))
+        cmd = ["nice", "-n", "10", sys.executable, "-m", "tune_bir.train", "--config", str(cfg_file),
+               "--seed", str(seed), "--threads", "1", "--run-name", name, "--results-dir", str(work / "records")]
+        done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        print(f"done {name}", flush=True)
+        return _record(work, name)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        records = dict(zip(chosen, pool.map(job, chosen), strict=True))
+    rows = []
+    for i, record in records.items():
+        row: dict[str, Any] = {"trial_id": trials.loc[i, "trial_id"], "trial_status": trials.loc[i, "trial_status"],
+                               "baseline": bool(trials.loc[i, "baseline"]),
+                               "tasks_reached": int(trials.loc[i, "tasks_reached"]), "tie_rank": ranks[i],
+                               "git_commit": record["git_commit"]}
+        for t, m in enumerate(record["metrics_per_task"], start=1):
+            row[f"val_acc_avg_after_task_{t}"] = m["val_acc_avg"]
+            row[f"val_prob_avg_after_task_{t}"] = m["val_prob_avg"]
+            row[f"acc_avg_after_task_{t}"] = m["acc_avg"]
+            # ASHA's key, as trainables/bir.py computes it (TIE_BREAK_WEIGHT, EXACT_TIE_WEIGHT)
+            row[f"val_score_after_task_{t}"] = m["val_acc_avg"] + 1e-9 * m["val_prob_avg"] + 1e-13 * ranks[i]
+        reached = row["tasks_reached"]
+        row["reproduces_sweep"] = all(
+            row[f"{key}_after_task_{t}"] == trials.loc[i, f"{key}_after_task_{t}"]
+            for t in range(1, reached + 1) for key in ("val_acc_avg", "acc_avg"))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if args.out.exists():   # a second call (e.g. the completed trials) adds its rows
+        out = pd.concat([pd.read_csv(args.out, dtype={"trial_id": str}), out]).drop_duplicates("trial_id", keep="last")
+    out.sort_values("trial_id").to_csv(args.out, index=False)
+    print(f"{len(rows)} trials -> {args.out}; reproduce the sweep's numbers: {int(out['reproduces_sweep'].sum())}"
+          f" of {len(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
