@@ -63,6 +63,50 @@ def _record(work: Path, name: str) -> dict[str, Any]:
     return json.loads((work / "records" / f"{name}.json").read_text())
 
 
+def informativeness(trials: pd.DataFrame, reference: pd.DataFrame, rungs: list[int], n_tasks: int,
+                    metric: str = "val_acc_avg") -> dict[str, Any]:
+    """Per rung: Spearman's rho (bootstrap 95 % interval) between every config's score there and its full-budget
+    final score, the same over the completed trials only (what a sweep alone can say), how many of the reference's
+    final top 3 ASHA stopped there; and the regret of ASHA's winner. Final scores: the sweep's own for trials that
+    completed, the reference's for the others."""
+    from tune_bir.sweep.rungs import spearman_with_interval
+
+    ref = reference.set_index("trial_id")
+    table = trials.set_index("trial_id")
+    final_key = f"{metric}_after_task_{n_tasks}"
+    final = {t: (table.loc[t, final_key] if table.loc[t, "trial_status"] == "completed" else ref.loc[t, final_key])
+             for t in table.index if table.loc[t, "trial_status"] == "completed" or t in ref.index}
+    final_test = {t: (table.loc[t, f"acc_avg_after_task_{n_tasks}"] if table.loc[t, "trial_status"] == "completed"
+                      else ref.loc[t, f"acc_avg_after_task_{n_tasks}"]) for t in final}
+    top3 = sorted(final, key=lambda t: -final[t])[:3]
+    completed = [t for t in final if table.loc[t, "trial_status"] == "completed"]
+    out: dict[str, Any] = {"metric": metric, "n_configs": len(final), "n_completed": len(completed),
+                           "reference_top3": [{"trial_id": t, metric: final[t], "asha_status":
+                                               table.loc[t, "trial_status"], "tasks_reached":
+                                               int(table.loc[t, "tasks_reached"])} for t in top3], "rungs": []}
+    for task in rungs:
+        key = f"{metric}_after_task_{task}"
+        ids = list(final)
+        rho, low, high = spearman_with_interval([table.loc[t, key] for t in ids], [final[t] for t in ids])
+        r_rho, r_low, r_high = spearman_with_interval([table.loc[t, key] for t in completed],
+                                                      [final[t] for t in completed])
+        rho_test, low_test, high_test = spearman_with_interval([table.loc[t, key] for t in ids],
+                                                               [final_test[t] for t in ids])
+        out["rungs"].append({
+            "task": task, "rho": rho, "low": low, "high": high, "rho_vs_final_test_acc": rho_test,
+            "low_test": low_test, "high_test": high_test,
+            "restricted_rho": r_rho, "restricted_low": r_low, "restricted_high": r_high,
+            "distinct_scores": int(table.loc[ids, key].nunique()),
+            "top3_stopped_here": sum(int(table.loc[t, "tasks_reached"]) == task
+                                     and table.loc[t, "trial_status"] == "stopped_early" for t in top3)})
+    winner = max(completed, key=lambda t: table.loc[t, final_key])
+    best = top3[0]
+    out["asha_winner"] = {"trial_id": winner, metric: final[winner], "acc_avg": final_test[winner]}
+    out["reference_best"] = {"trial_id": best, metric: final[best], "acc_avg": final_test[best]}
+    out["regret"] = {metric: final[best] - final[winner], "acc_avg": final_test[best] - final_test[winner]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="folder with the sweep's trials.csv and sweep.json")
@@ -70,14 +114,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=Path, default=None, help="checkout whose code runs the trials")
     parser.add_argument("--only", default=None, help="run only trials of this status (e.g. stopped_early)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="train nothing: build the table from the train records already in this folder (e.g. a "
+                             "run cut short: the configs it finished)")
+    parser.add_argument("--summarise", action="store_true",
+                        help="run nothing: from trials.csv and --out, print (and write beside --out as JSON) how "
+                             "informative each ASHA rung was")
     args = parser.parse_args(argv)
+    if args.summarise:
+        from tune_bir.sweep.rungs import rung_tasks
+
+        plan = json.loads((args.sweep_dir / "sweep.json").read_text())
+        summary = informativeness(pd.read_csv(args.sweep_dir / "trials.csv", dtype={"trial_id": str}),
+                                  pd.read_csv(args.out, dtype={"trial_id": str}), rung_tasks(plan["asha"]),
+                                  int(plan["resolved_base_config"]["tasks"]))
+        text = json.dumps(summary, indent=2, default=float)
+        args.out.with_name(args.out.stem + "_summary.json").write_text(text + "\n")
+        print(text)
+        return 0
     trials, configs, seed = trial_configs(args.sweep_dir)
     env = dict(os.environ, **({"PYTHONPATH": str(args.code)} if args.code else {}))
     ranks = json.loads(subprocess.run([sys.executable, "-c", TIE_RANK_CODE], input=json.dumps(configs), env=env,
                                       capture_output=True, text=True, check=True).stdout)
     chosen = [i for i, row in trials.iterrows() if args.only is None or row["trial_status"] == args.only]
-    work = Path(tempfile.mkdtemp(prefix="asha_reference_"))
-    (work / "records").mkdir()
+    if args.records is not None:
+        found = {p.stem.removeprefix("ref_") for p in args.records.glob("ref_*.json")}
+        chosen = [i for i in chosen if trials.loc[i, "trial_id"] in found]
+        work = args.records.parent
+    else:
+        work = Path(tempfile.mkdtemp(prefix="asha_reference_"))
+        (work / "records").mkdir()
 
     def job(i: int) -> dict[str, Any]:
         name = f"ref_{trials.loc[i, 'trial_id']}"
@@ -92,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {name}", flush=True)
         return _record(work, name)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        records = dict(zip(chosen, pool.map(job, chosen), strict=True))
+    if args.records is not None:
+        records = {i: _record(work, f"ref_{trials.loc[i, 'trial_id']}") for i in chosen}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            records = dict(zip(chosen, pool.map(job, chosen), strict=True))
     rows = []
     for i, record in records.items():
         row: dict[str, Any] = {"trial_id": trials.loc[i, "trial_id"], "trial_status": trials.loc[i, "trial_status"],

@@ -96,6 +96,13 @@ def test_cli_prints_the_top_table_and_writes_the_report(sweep, analysed):
     assert (out / "param_importance.png").exists() == (n_searched >= 2)
     assert "## What was searched" in text and "## Top 3" in text and "candidate, not a finding" in text
     assert f"python -m tune_bir.sweep --confirm {folder}" in text
+    # the rung at task 2 (grace 2, rf 4), measured on the completed trials only and said to be the weaker estimate
+    from analysis.report import early_stopping
+
+    (rung,) = early_stopping(table)
+    assert rung.task == 2 and rung.n == len(best) and rung.restricted
+    assert "## Is early stopping informative?" in text and "range-restricted" in text
+    assert f"early stopping: rung at task 2: Spearman rho {rung.rho:.3g}" in done.stdout
 
 
 def test_cli_attaches_the_report_to_the_parent_run(sweep, analysed):

@@ -66,6 +66,15 @@ BIR = "--replay=generative --brain-inspired"
 SPACE_HEAD = "fixed: {repulsion: true}\nparams:\n"
 
 
+def optuna_study(file: str, name: str) -> Callable[[Path], None]:
+    """An Optuna SQLite file holding a study `name`."""
+    def prepare(cwd: Path) -> None:
+        import optuna
+
+        optuna.create_study(storage=f"sqlite:///{cwd / file}", study_name=name)
+    return prepare
+
+
 # --- sweep folders for --confirm and analysis -------------------------------------------------------------
 def _sweep_json(cwd: Path, name: str = "s", mlflow: bool = True) -> dict:
     """The sweep.json a real (tiny) sweep plan writes, with a made-up MLflow parent run."""
@@ -355,6 +364,14 @@ CASES: list[Case] = [
          prepare=sweep_folder()),
     case("sweep-resume-store-gone", S, "--resume --name s --storage-path {cwd}/rr", ["mlflow.db", "is gone"],
          "resuming a sweep whose MLflow store is gone", prepare=sweep_folder()),
+    case("sweep-optuna-storage-not-a-url", S, "--optuna-storage notaurl", ["--optuna-storage notaurl", "database URL"],
+         "an Optuna storage that is no database URL"),
+    case("sweep-optuna-storage-relative", S, "--optuna-storage sqlite:///o.db", "absolute SQLite path",
+         "a relative SQLite path for the Optuna study (a resumed sweep may run elsewhere)"),
+    case("sweep-optuna-storage-folder", S, "--optuna-storage sqlite:///{cwd}/nowhere/o.db", "does not exist",
+         "an Optuna SQLite file in a folder that is not there"),
+    case("sweep-optuna-study-taken", S, "--name s --optuna-storage sqlite:///{cwd}/o.db", "already holds a study 's'",
+         "a new sweep whose study name its Optuna storage holds already", prepare=optuna_study("o.db", "s")),
     case("sweep-top-k-without-confirm", S, "--top-k 2", ["--top-k", "--confirm SWEEP"],
          "a --confirm option without --confirm"),
     # ---- python -m tune_bir.sweep --confirm -----------------------------------------------------------------

@@ -72,6 +72,17 @@ def check_resumed_sweep(sweep_dir: Path, plan: dict, finished: set[str], before:
     rows = (sweep_dir / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + n_trials
 
+    # the Optuna study (its database outlives the driver): one trial per Tune trial, each told once; a trial
+    # the study began after Tune's last save was never run and is told FAIL
+    import optuna
+
+    study = optuna.load_study(study_name=plan["optuna"]["study_name"], storage=plan["optuna"]["storage"])
+    ran = [t for t in study.trials if t.user_attrs.get("trial_status") != "never_run"]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in ran) == sorted(after)
+    assert all(t.state.is_finished() for t in study.trials)
+    statuses = {r.data.tags["trial_id"]: r.data.tags["trial_status"] for r in runs}
+    assert {t.user_attrs["tune_trial_id"]: t.user_attrs["trial_status"] for t in ran} == statuses
+
 
 def test_resume_after_the_driver_is_killed_finishes_without_rerunning_or_duplicating(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")    # short: Ray's socket paths live below it

@@ -46,7 +46,6 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     if options.resume:
         plan = SweepPlan.load(resume_folder(options))
         check_resume_options(args, given, plan)
-        check_study_exists(plan)
         connection = options   # where to run it is this call's choice; how, the sweep's own
     else:
         plan = plan_from_args(args, argv)   # the storage path is probed there
@@ -55,6 +54,8 @@ def run_sweep(argv: list[str] | None = None) -> SweepOutcome:
     check_mlflow(plan.mlflow.tracking_uri if plan.mlflow else default_tracking_uri(plan.options.mlflow_uri))
     if plan.mlflow is not None:
         check_parent_run(plan.mlflow)
+    if options.resume:
+        check_study_exists(plan)
     return _run(plan, connection, resumed=options.resume)
 
 
