@@ -191,12 +191,16 @@ def _save(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def _zoomed_limits(values: np.ndarray, pad: float = 0.08) -> tuple[float, float] | None:
+def _zoomed_limits(values: np.ndarray, min_span: float, pad: float = 0.08) -> tuple[float, float] | None:
+    """Axis limits around the finite values, at least `min_span` wide (equal values get a readable axis)."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return None
     low, high = float(finite.min()), float(finite.max())
-    span = max(high - low, 1e-3)
+    if high - low < min_span:
+        middle = (low + high) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    span = high - low
     return low - pad * span, high + pad * span
 
 
@@ -251,7 +255,7 @@ def plot_task_curves(table: pd.DataFrame, path: Path) -> None:
             ax.annotate(f"{count}x", (task, value), xytext=(6, -3), textcoords="offset points", fontsize=7,
                         color="tab:orange")
     every = table[columns].to_numpy(dtype=float)
-    limits = _zoomed_limits(every)
+    limits = _zoomed_limits(every, min_span=0.02)
     if limits:
         acc_ax.set_ylim(*limits)
     rungs = asha_rungs(plan)
@@ -267,7 +271,7 @@ def plot_task_curves(table: pd.DataFrame, path: Path) -> None:
     acc_ax.set_title(f"{plan.get('name')}: {len(table)} trials, space {plan['space']['name']}", fontsize=10)
     if diff_ax is not None:
         diffs = 100 * (every - base_curve)
-        limits = _zoomed_limits(diffs)
+        limits = _zoomed_limits(diffs, min_span=1.0)   # points
         if limits:
             diff_ax.set_ylim(*limits)
         diff_ax.axhline(0, color="black", lw=1.0)
@@ -562,7 +566,11 @@ def asha_rungs(plan: Mapping[str, Any]) -> list[int]:
     """The tasks at which the sweep's ASHA compared trials (none for a sweep.json without ASHA settings)."""
     from tune_bir.sweep.rungs import rung_tasks
 
-    return rung_tasks(plan["asha"]) if plan.get("asha") else []
+    asha = plan.get("asha") or {}
+    if "grace_period" not in asha or "reduction_factor" not in asha:
+        return []
+    # max_t: the last task's step (sweep.json of older versions may lack it)
+    return rung_tasks({"max_t": n_tasks(plan) * int(asha.get("segments_per_task", 1)), **asha})
 
 
 def early_stopping(table: pd.DataFrame) -> list:

@@ -40,18 +40,19 @@ def chromium() -> str:
     return found
 
 
-def _chromium(url: str, *action: str, window: str = WINDOW) -> subprocess.CompletedProcess:
+def _chromium(url: str, *action: str, window: str = WINDOW,
+              budget_ms: int = PAGE_BUDGET_MS) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         return subprocess.run(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}", f"--window-size={window}",
-             f"--virtual-time-budget={PAGE_BUDGET_MS}", *action, url],
+             f"--virtual-time-budget={budget_ms}", *action, url],
             capture_output=True, text=True, timeout=PAGE_TIMEOUT_S, check=True)
 
 
-def render(url: str, window: str = WINDOW) -> str:
+def render(url: str, window: str = WINDOW, budget_ms: int = PAGE_BUDGET_MS) -> str:
     """The page's DOM after its scripts ran (pages draw only what fits the window: a tall one draws more)."""
-    return _chromium(url, "--dump-dom", window=window).stdout
+    return _chromium(url, "--dump-dom", window=window, budget_ms=budget_ms).stdout
 
 
 def text(dom: str) -> str:
@@ -59,9 +60,9 @@ def text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
-def screenshot(url: str, png: Path, window: str = WINDOW) -> Path:
+def screenshot(url: str, png: Path, window: str = WINDOW, budget_ms: int = PAGE_BUDGET_MS) -> Path:
     """A PNG of the page as a user sees it."""
-    _chromium(url, f"--screenshot={png}", window=window)
+    _chromium(url, f"--screenshot={png}", window=window, budget_ms=budget_ms)
     assert png.is_file() and png.stat().st_size > 10_000, f"no screenshot of {url}"
     return png
 

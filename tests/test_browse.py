@@ -98,7 +98,8 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
         child = children[0]
         curves = (f"{ui}/#/experiments/{mlflow['experiment_id']}/runs/{child.info.run_id}/model-metrics"
                   "?workflowType=machine_learning")
-        shown = text(render(curves, window="1600,3200"))   # charts are drawn once scrolled into view
+        # charts are drawn once scrolled into view (a tall window) and after their data came (more time)
+        shown = text(render(curves, window="1600,3200", budget_ms=60_000))
         for metric in ("val_acc_avg", "acc_avg", "acc_task_1", "forgetting_avg"):
             assert metric in shown
-        screenshot(curves, shots / "mlflow_trial_curves.png", window="1600,3200")
+        screenshot(curves, shots / "mlflow_trial_curves.png", window="1600,3200", budget_ms=60_000)
