@@ -69,16 +69,19 @@ def informativeness(trials: pd.DataFrame, reference: pd.DataFrame, rungs: list[i
     final score, the same over the completed trials only (what a sweep alone can say), how many of the reference's
     final top 3 ASHA stopped there; and the regret of ASHA's winner. Final scores: the sweep's own for trials that
     completed, the reference's for the others."""
-    from tune_bir.sweep.rungs import spearman_with_interval
+    from tune_bir.sweep.rungs import RESOLUTION_DIGITS, spearman_with_interval
 
     ref = reference.set_index("trial_id")
     table = trials.set_index("trial_id")
     final_key = f"{metric}_after_task_{n_tasks}"
-    final = {t: (table.loc[t, final_key] if table.loc[t, "trial_status"] == "completed" else ref.loc[t, final_key])
+    final = {t: round(float(table.loc[t, final_key] if table.loc[t, "trial_status"] == "completed"
+                            else ref.loc[t, final_key]), RESOLUTION_DIGITS)   # equal to a validation image: ties
              for t in table.index if table.loc[t, "trial_status"] == "completed" or t in ref.index}
     final_test = {t: (table.loc[t, f"acc_avg_after_task_{n_tasks}"] if table.loc[t, "trial_status"] == "completed"
                       else ref.loc[t, f"acc_avg_after_task_{n_tasks}"]) for t in final}
-    top3 = sorted(final, key=lambda t: -final[t])[:3]
+    # the final top 3, ties at the third place included (accuracies on 400 validation images tie often)
+    third = sorted(final.values(), reverse=True)[min(2, len(final) - 1)]
+    top3 = sorted((t for t in final if final[t] >= third), key=lambda t: -final[t])
     completed = [t for t in final if table.loc[t, "trial_status"] == "completed"]
     out: dict[str, Any] = {"metric": metric, "n_configs": len(final), "n_completed": len(completed),
                            "reference_top3": [{"trial_id": t, metric: final[t], "asha_status":
@@ -100,7 +103,7 @@ def informativeness(trials: pd.DataFrame, reference: pd.DataFrame, rungs: list[i
             "top3_stopped_here": sum(int(table.loc[t, "tasks_reached"]) == task
                                      and table.loc[t, "trial_status"] == "stopped_early" for t in top3)})
     winner = max(completed, key=lambda t: table.loc[t, final_key])
-    best = top3[0]
+    best = max(final, key=lambda t: (final[t], t == winner))   # a tie with ASHA's winner is no regret
     out["asha_winner"] = {"trial_id": winner, metric: final[winner], "acc_avg": final_test[winner]}
     out["reference_best"] = {"trial_id": best, metric: final[best], "acc_avg": final_test[best]}
     out["regret"] = {metric: final[best] - final[winner], "acc_avg": final_test[best] - final_test[winner]}

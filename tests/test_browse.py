@@ -61,7 +61,8 @@ def test_optuna_dashboard_lists_the_sweeps_trials(browsed_sweep, tmp_path):
             assert f"Trial {trial.number}" in shown
         for state in set(states.values()):
             assert state.capitalize() in shown          # "Complete", "Pruned"
-        screenshot(page, screenshot_dir(tmp_path) / "optuna_dashboard_trials.png")
+        shots = screenshot_dir()
+        screenshot(page, shots and shots / "optuna_dashboard_trials.png")
         home = f"http://127.0.0.1:{port}/dashboard"
         assert plan["optuna"]["study_name"] in render(home)
 
@@ -73,7 +74,7 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
     assert client.get_experiment(mlflow["experiment_id"]).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
     children = child_runs(plan)
     assert len(children) == TRIALS
-    shots = screenshot_dir(tmp_path)
+    shots = screenshot_dir()
 
     port = free_port()
     ui = f"http://127.0.0.1:{port}"
@@ -84,7 +85,7 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
         shown = text(render(runs))
         assert plan["name"] in shown and f"{TRIALS + 1} matching runs" in shown   # the parent and every trial
         assert "Detect Issues" not in shown and "Runs" in shown                   # not the GenAI overview
-        screenshot(runs, shots / "mlflow_runs.png")
+        screenshot(runs, shots and shots / "mlflow_runs.png")
 
         parent = f"{ui}/#/experiments/{mlflow['experiment_id']}/runs/{mlflow['parent_run_id']}"
         artifacts = text(render(f"{parent}/artifacts?workflowType=machine_learning"))
@@ -93,7 +94,7 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
         plot = f"{parent}/artifacts/report/val_acc_per_task.png?workflowType=machine_learning"
         shown = text(render(plot))
         assert "report.md" in shown and "val_acc_per_task.png" in shown   # the report folder opened on the plot
-        screenshot(plot, shots / "mlflow_parent_report_plot.png")
+        screenshot(plot, shots and shots / "mlflow_parent_report_plot.png")
 
         child = children[0]
         curves = (f"{ui}/#/experiments/{mlflow['experiment_id']}/runs/{child.info.run_id}/model-metrics"
@@ -102,4 +103,4 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
         shown = text(render(curves, window="1600,3200", budget_ms=60_000))
         for metric in ("val_acc_avg", "acc_avg", "acc_task_1", "forgetting_avg"):
             assert metric in shown
-        screenshot(curves, shots / "mlflow_trial_curves.png", window="1600,3200", budget_ms=60_000)
+        screenshot(curves, shots and shots / "mlflow_trial_curves.png", window="1600,3200", budget_ms=60_000)

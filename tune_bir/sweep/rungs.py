@@ -22,6 +22,9 @@ LOW_RHO = 0.5          # below this a rung's stops are closer to a coin toss tha
 MIN_TRIALS = 5         # fewer trials say nothing about a correlation
 N_BOOT = 2000
 CONFIDENCE = 0.95
+# accuracies closer than this are one score: a validation image moves val_acc_avg by at least 1e-6 (docs/sweep.md
+# "ASHA rungs and ties"), while the same accuracy summed in another order differs by float rounding (~1e-9)
+RESOLUTION_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ def spearman_with_interval(rung: Sequence[float], final: Sequence[float], *, n_b
     """Spearman's rho of paired scores (ties share ranks) and its bootstrap percentile interval over pairs."""
     from scipy.stats import spearmanr
 
-    x, y = np.asarray(rung, dtype=float), np.asarray(final, dtype=float)
+    x = np.round(np.asarray(rung, dtype=float), RESOLUTION_DIGITS)
+    y = np.round(np.asarray(final, dtype=float), RESOLUTION_DIGITS)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
