@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_integer, check_positive, field_name, flag_name  # noqa: F401 (re-exported)
 
@@ -66,10 +68,13 @@ PROTOCOLS: dict[str, ProtocolSpec] = {p.name: p for p in (
 )}
 EXPERIMENTS = tuple(name for name, spec in PROTOCOLS.items() if spec.continual)   # --experiment choices
 
-# Every random stream of a run is seeded with --seed plus its own offset: a stream that one option uses
-# (an exaggeration term, the contrastive plugin) never moves the draws of another (the learner's).
-SEED_OFFSETS: dict[str, int] = {
-    "learner": 0,            # global torch seed (weight init) and the engine's generator (batches, replay, z)
+# Every random stream of a run has a seed of its own, derived from --seed and the stream's id with numpy's
+# SeedSequence (`SeedSequence(seed).spawn(n)[id]`): no stream of one seed shares a seed with any stream of another
+# (seed + offset made seed s's "init" stream seed s+1's "learner" stream), and a stream that one option uses (an
+# exaggeration term, the contrastive plugin) never moves the draws of another (the learner's). The global torch
+# seed (weight initialisation) stays --seed itself, as in the original code.
+SEED_STREAMS: dict[str, int] = {
+    "learner": 0,            # the engine's generator (batches, replayed classes, replay and reparameterisation noise)
     "init": 1,               # gate masks and GMM prior (CPU)
     "contrastive": 2,        # second views and projection-head dropout of the contrastive plugin
     "contrastive_init": 3,   # initial projection head (and random auxiliary decoder)
@@ -232,8 +237,11 @@ class BIRConfig:
         return self.protocol.family
 
     def stream_seed(self, stream: str) -> int:
-        """Seed of one of the run's random streams (`SEED_OFFSETS`)."""
-        return self.seed + SEED_OFFSETS[stream]
+        """Seed of one of the run's random streams (`SEED_STREAMS`), a 32-bit word of SeedSequence(seed)'s child."""
+        # 32 bits: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so a 64-bit one would
+        # collide where its low halves do, and differ between CPU and CUDA (Philox keeps all 64)
+        child = np.random.SeedSequence(self.seed, spawn_key=(SEED_STREAMS[stream],))
+        return int(child.generate_state(1, np.uint32)[0])
 
     def first_task_fields(self) -> dict[str, Any]:
         """The fields that determine what task 1 computes (everything but replay-only and output fields)."""

@@ -272,9 +272,9 @@ class Engine:
         self.cfg = cfg = config.resolved()   # free when the caller resolved it already
         self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, self.device)
-        # the random streams of config.SEED_OFFSETS; the global seed once, at the start of a run: weight init
-        # (never inside the loop: difference "seed-once", docs/algorithm.md)
-        torch.manual_seed(cfg.stream_seed("learner"))
+        # the random streams of config.SEED_STREAMS; the global seed (--seed itself) once, at the start of a run:
+        # weight init (never inside the loop: difference "seed-once", docs/algorithm.md)
+        torch.manual_seed(cfg.seed)
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.stream_seed("learner"))
         # the exaggeration terms' own draws (class representatives): switching a term on, or weighting it by
         # zero, leaves the learner's batches, replay and noise as they are, i.e. the baseline's
