@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tune_bir", "trainables", "search_spaces", "analysis")
+PACKAGES = ("tune_bir", "trainables", "search_spaces", "analysis", "confirmation")
 # layer of each module, by the longest matching prefix; a module may import its own layer and those below
 LAYERS = {
     "tune_bir": 0,              # the core: config, data, nets, model, losses, si, exaggeration, engine, ...
@@ -26,6 +26,8 @@ LAYERS = {
     "trainables": 2,
     "tune_bir.sweep": 3,        # the sweep driver
     "analysis": 4,              # finished sweeps to tables, plots and statistics
+    "confirmation": 5,          # pre-registered confirmations: plan, seed ledger, look after look
+    "tune_bir.sweep.__main__": 5,   # the command line's composition root: dispatches to confirmation
 }
 FRAMEWORKS = ("ray", "optuna", "mlflow")
 CORE_LAYER = 0

@@ -222,6 +222,8 @@ def confirmation_rows(grid: Any, folder: SweepFolder, n_tasks: int) -> tuple[lis
         row: dict[str, Any] = {"config": config[CONFIG_KEY], "seed": int(config[SEED_KEY]), "trial_id": trial_id,
                                "status": trial_status(metrics, result.error is not None, n_tasks)}
         row |= {k: metrics.get(k, math.nan) for k in FINAL_METRICS}
+        # the CPU it trained on and what its libraries dispatched to (tune_bir.record.cpu_fingerprint)
+        row |= {k[len("cpu/"):]: v for k, v in metrics.items() if k.startswith("cpu/")}
         row |= {k: v for k, v in metrics.items() if k.startswith(("acc_task_", "val_acc_task_"))}
         row |= after_each_task(result.metrics_dataframe, n_tasks)
         rows.append(row)

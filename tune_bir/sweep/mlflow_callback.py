@@ -70,7 +70,7 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The metrics of a Tune result (docs/sweep.md "Result keys"), Tune's bookkeeping and worker diagnostics
     left out."""
     return {k: float(v) for k, v in result.items()
-            if k not in _SKIP_KEYS and not k.startswith("worker/")
+            if k not in _SKIP_KEYS and not k.startswith(("worker/", "cpu/"))
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

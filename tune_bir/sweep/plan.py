@@ -81,6 +81,17 @@ class SweepOptions:
     confirm: str | None = None
     top_k: int = 3
     seeds: int = 8
+    configs: str | None = None                # labels of the sweep's validation ranking, e.g. "top2,top5"
+    config_file: str | None = None            # a JSON list of configs written by hand (confirmation/plan.py)
+    label: str | None = None
+    first_seed: int | None = None
+    reuse_seeds: bool = False
+    sequential: bool = False
+    max_seeds: int = 48
+    looks: int = 6
+    margin: float | None = None
+    alpha: float = 0.05
+    spending: str = "obrien-fleming"
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> SweepOptions:
@@ -181,6 +192,31 @@ def build_parser() -> OneLineArgumentParser:
                    help=f"completed configs to confirm, best validation accuracy first (default: {d.top_k})")
     c.add_argument("--seeds", type=int, default=d.seeds,
                    help=f"fresh seeds per confirmed config, the same for each (default: {d.seeds})")
+    c.add_argument("--configs", metavar="LABELS", default=d.configs,
+                   help="confirm these labels of the sweep's validation ranking, e.g. top2,top5 (instead of --top-k)")
+    c.add_argument("--config-file", metavar="FILE", default=d.config_file,
+                   help="confirm the configs of FILE, a JSON list of {label, values, source} written by hand; with a "
+                        "folder that is not a sweep as --confirm, the base config comes from this command line's "
+                        "flags, as a sweep's does (docs/sweep.md \"Sequential confirmation\")")
+    c.add_argument("--label", metavar="NAME", default=d.label,
+                   help="keep this confirmation in SWEEP/confirm-NAME (default: SWEEP/confirm)")
+    c.add_argument("--first-seed", type=int, metavar="N", default=d.first_seed,
+                   help="use the seeds N, N+1, ... (default: the first seed after every seed the seed ledger knows)")
+    c.add_argument("--reuse-seeds", action="store_true", default=d.reuse_seeds,
+                   help="allow seeds a sweep or confirmation already used (the plan and report say so)")
+    c.add_argument("--sequential", action="store_true", default=d.sequential,
+                   help="a group-sequential confirmation: --looks batches of seeds up to --max-seeds, a verdict per "
+                        "config after each, decided configs stop")
+    c.add_argument("--max-seeds", type=int, metavar="N", default=d.max_seeds,
+                   help=f"most paired seeds per config of a sequential confirmation (default: {d.max_seeds})")
+    c.add_argument("--looks", type=int, metavar="K", default=d.looks,
+                   help=f"evenly spaced looks of a sequential confirmation (default: {d.looks})")
+    c.add_argument("--margin", type=float, metavar="D", default=d.margin,
+                   help="equivalence margin of a sequential confirmation, in units of test acc_avg (e.g. 0.005)")
+    c.add_argument("--alpha", type=float, default=d.alpha,
+                   help=f"family-wise two-sided error rate over looks and configs (default: {d.alpha:g})")
+    c.add_argument("--spending", default=d.spending, choices=("obrien-fleming", "pocock"),
+                   help=f"alpha-spending function of a sequential confirmation (default: {d.spending})")
     add_config_flags(parser, exclude=EXCLUDED_FLAGS)
     return parser
 

@@ -242,14 +242,15 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def restored_tuner(location: str, options: SweepOptions):
-    """The Tuner of an interrupted sweep (or confirmation) at `location`, to continue where it stopped."""
+def restored_tuner(location: str, options: SweepOptions, resume_errored: bool = False):
+    """The Tuner of an interrupted sweep (or confirmation) at `location`, to continue where it stopped
+    (`resume_errored`: errored trials too, from their last checkpoint)."""
     from ray import tune
 
     if not tune.Tuner.can_restore(location):
         raise ConfigError(f"{location} holds no Ray Tune experiment state to resume (it never started)")
     return tune.Tuner.restore(location, trainable=trainable_with_resources(options), resume_unfinished=True,
-                              resume_errored=False)
+                              resume_errored=resume_errored)
 
 
 def search_alg(tuner: Any) -> Any:
