@@ -85,6 +85,7 @@ class ConfirmationPlan:
                 "git_commit": self.git_commit, "metric": METRIC, "test": TEST if self.design else
                 "paired t-test on per-seed differences (config - baseline), one look", "baseline": BASELINE,
                 "base_config": self.base_config, "trial_base_config": self.trial_base,
+                "resolved_base_config": BIRConfig.from_dict(self.base_config).resolved().to_dict(),
                 "configs": [c.to_dict() for c in self.configs], "seeds": self.seeds, "max_seeds": len(self.seeds),
                 "design": self.design, "resources": self.resources, "sweeps": self.sweeps,
                 "reuse_seeds": self.reuse_seeds, "argv": self.argv}
