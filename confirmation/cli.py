@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from confirmation.ledger import Ledger, overlap_message
-from confirmation.looks import DONE, FAILED, INTERRUPTED, PENDING, LooksOutcome, run_looks
+from confirmation.looks import DONE, FAILED, INTERRUPTED, LooksOutcome, run_looks
 from confirmation.plan import (
     BASELINE,
     PLAN_FILE,
@@ -56,7 +56,7 @@ OWN_FOLDER_OPTIONS = {"cpus_per_trial", "gpus_per_trial", "max_failures", "mlflo
 RESUME_OPTIONS = {"confirm", "label", "resume", "max_concurrent", "address", "dashboard", "num_cpus"}
 # Paths in a base config: where a run finds its files, not what it computes
 PATH_FIELDS = ("data_dir", "pretrained_conv")
-EXIT = {DONE: 0, INTERRUPTED: 130, FAILED: 1, PENDING: 3}
+EXIT = {DONE: 0, INTERRUPTED: 130, FAILED: 1}
 
 
 @dataclass
@@ -70,10 +70,18 @@ class Where:
 
 
 def is_chosen_confirmation(args: argparse.Namespace) -> bool:
-    """`--confirm` with any option of a chosen or sequential confirmation (else today's top-K `--confirm`)."""
-    return bool(args.confirm) and any(
-        getattr(args, name) not in (None, False) for name in ("configs", "config_file", "label", "first_seed",
-                                                                "reuse_seeds", "sequential", "margin"))
+    """`--confirm` with an option of a chosen or sequential confirmation, or of a folder holding one (a plan.json:
+    DIR's own, or SWEEP/confirm's); else it is today's top-K `--confirm` (tune_bir.sweep.confirm)."""
+    if not args.confirm:
+        return False
+    if any(getattr(args, name) not in (None, False) for name in ("configs", "config_file", "label", "first_seed",
+                                                                   "reuse_seeds", "sequential", "margin")):
+        return True
+    target = SweepFolder.of(args.confirm)
+    try:
+        return target.exists(PLAN_FILE) or target.sub("confirm").exists(PLAN_FILE)
+    except ConfigError:
+        return False   # unreadable storage: the top-K path says so in its own words
 
 
 def locate(options: SweepOptions) -> Where:
@@ -104,7 +112,8 @@ def _check_given(given: set[str], where: Where, resume: bool) -> None:
 
 def _sweep_configs(where: Where, options: SweepOptions) -> list[ConfigSpec]:
     """--configs LABELS (or --top-k) of the sweep's validation ranking."""
-    from tune_bir.sweep.confirm import select_configs
+    from tune_bir.sweep.confirm import select_configs, sweep_rows
+    from tune_bir.sweep.status import rank_trials
 
     if where.sweep is None:
         raise ConfigError(f"--configs picks labels of a sweep's ranking, but {where.folder} holds no sweep "
@@ -116,13 +125,15 @@ def _sweep_configs(where: Where, options: SweepOptions) -> list[ConfigSpec]:
         if not (label.startswith("top") and label[3:].isdigit() and int(label[3:]) >= 1):
             raise ConfigError(f"--configs {options.configs}: {label!r} is not a label of the ranking (top1, top2, ...)")
         ranks.append(int(label[3:]))
-    ranked = select_configs(where.sweep, max(ranks))[1:]
-    missing = [w for w, r in zip(wanted, ranks, strict=True) if r > len(ranked)]
-    if missing:
-        raise ConfigError(f"--configs: {missing[0]} is not in sweep {where.sweep.name}'s ranking, which has "
-                          f"{len(ranked)} completed config(s) besides the baseline (top1..top{len(ranked)})")
     if len(set(wanted)) != len(wanted):
         raise ConfigError(f"--configs {options.configs} names a config twice")
+    n_ranked = len([r for r in rank_trials(sweep_rows(where.sweep)) if not r["baseline"]])
+    missing = [w for w, r in zip(wanted, ranks, strict=True) if r > n_ranked]
+    if missing:
+        raise ConfigError(f"--configs: {missing[0]} is not in sweep {where.sweep.name}'s ranking, which has "
+                          f"{n_ranked} completed config(s) besides the baseline"
+                          + (f" (top1..top{n_ranked})" if n_ranked else ""))
+    ranked = select_configs(where.sweep, max(ranks))[1:]
     return [ConfigSpec(label, ranked[r - 1].values, {"sweep": where.sweep.folder.location,
                                                     "trial_id": ranked[r - 1].source_trial_id, "rank": label,
                                                     "sweep_val_acc_avg": ranked[r - 1].sweep_val_acc_avg})

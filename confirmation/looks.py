@@ -6,8 +6,8 @@ folder `look-k/`). Once every run of the batch completed, `analysis.sequential.d
 config its verdict from the paired differences of all its seeds so far; a decided config stops, the
 baseline runs while any config goes on. `looks.json` gets one entry per decided look (with the commit
 that ran it), `results.csv` every run so far. An interrupted look resumes where it stopped; a look whose
-runs all finished but which was not decided (the statistics were not installed) is decided on resume
-without running anything again.
+runs all finished but which was not decided (the driver stopped in between) is decided on resume without
+running anything again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import analysis.sequential as sequential
 from confirmation.plan import BASELINE, LOOKS_FILE, METRIC, ConfirmationPlan
 from tune_bir.data import label_permutation
 from tune_bir.record import git_commit
@@ -29,12 +30,12 @@ from tune_bir.sweep.storage import RESULTS_FILE, SweepFolder
 from tune_bir.sweep.summary import csv_text
 
 # Exit states of `run_looks`
-DONE, INTERRUPTED, FAILED, PENDING = "done", "interrupted", "failed", "pending"
+DONE, INTERRUPTED, FAILED = "done", "interrupted", "failed"
 
 
 @dataclass
 class LooksOutcome:
-    state: str                        # DONE (every config decided, or the last look), INTERRUPTED, FAILED, PENDING
+    state: str                        # DONE (every config decided, or the last look), INTERRUPTED, FAILED
     looks: list[dict[str, Any]]       # looks.json
     rows: list[dict[str, Any]]        # results.csv
     message: str = ""
@@ -57,33 +58,21 @@ def read_results(folder: SweepFolder) -> list[dict[str, Any]]:
 
 def _decided(looks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Config -> the verdict (as looks.json has it) that stopped it."""
-    from analysis.sequential import DECIDED
-
     out = {}
     for look in looks:
         for v in look["verdicts"]:
-            if v["verdict"] in DECIDED and v["config"] not in out:
+            if v["verdict"] in sequential.DECIDED and v["config"] not in out:
                 out[v["config"]] = v
     return out
-
-
-def _statistics():
-    """analysis.sequential, or None where it is not installed (the batch then runs, the decision waits)."""
-    try:
-        import analysis.sequential as sequential
-    except ImportError:
-        return None
-    return sequential
 
 
 def run_looks(plan: ConfirmationPlan, folder: SweepFolder, options: SweepOptions, mlflow: MlflowLocation,
               group_id: str, progress=print) -> LooksOutcome:
     """Run the plan's looks from the first undecided one on; Ray must be connected."""
-    sequential = _statistics()
     looks = read_looks(folder)
     rows = {(r["config"], int(r["seed"])): r for r in read_results(folder)}
-    design = sequential.SequentialDesign.from_dict(plan.design) if (sequential and plan.design) else None
-    decided = {} if not looks else {c: sequential.Verdict.from_dict(v) for c, v in _decided(looks).items()}
+    design = sequential.SequentialDesign.from_dict(plan.design) if plan.design else None
+    decided = {c: sequential.Verdict.from_dict(v) for c, v in _decided(looks).items()}
     experiment = plan.base_config.get("experiment") or plan.trial_base.get("experiment") or "splitMNIST5k"
     for k in range(len(looks) + 1, len(plan.looks) + 1):
         open_configs = [c for c in plan.labels if c not in decided]
@@ -109,9 +98,6 @@ def run_looks(plan: ConfirmationPlan, folder: SweepFolder, options: SweepOptions
         if failed:
             return LooksOutcome(FAILED, looks, ordered, f"look {k} cannot be decided: {', '.join(failed[:4])} did "
                                 "not complete; see the trial's error.txt under look-" f"{k}/, fix it and --resume")
-        if sequential is None or (plan.design and design is None):
-            return LooksOutcome(PENDING, looks, ordered, f"look {k}'s runs are done, but analysis.sequential is not "
-                                "installed to decide it: --resume with it installed decides it without re-running")
         import pandas as pd
 
         table = pd.DataFrame(ordered)

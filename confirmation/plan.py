@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis.sequential import SequentialDesign
 from search_spaces import EXAGGERATION_OFF
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
@@ -181,12 +182,8 @@ def even_looks(max_seeds: int, looks: int) -> list[int]:
 
 def design_dict(alpha: float, margin: float, max_seeds: int, looks: int, n_configs: int,
                 spending: str) -> dict[str, Any]:
-    """The design as plan.json records it: analysis.sequential's own to_dict() when it is installed."""
+    """The design as plan.json records it (analysis.sequential.SequentialDesign.to_dict())."""
     points = even_looks(max_seeds, looks)
-    try:
-        from analysis.sequential import SequentialDesign
-    except ImportError:   # the statistics are not installed: the same fields, as docs/analysis.md names them
-        return {"alpha": alpha, "margin": margin, "looks": points, "n_configs": n_configs, "spending": spending}
     try:
         return SequentialDesign(alpha, margin, tuple(points), n_configs, spending).to_dict()
     except ValueError as err:

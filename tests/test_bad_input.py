@@ -12,6 +12,7 @@ The commands start in parallel (each spends seconds importing), once per test se
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -153,6 +154,40 @@ def analysis_sweep(*, name: str = "fake", trials: dict | None = None, confirm_wi
             pd.DataFrame([{"config": "top1", "seed": s, "trial_id": f"x{s}", "status": "completed",
                            "acc_avg": 0.5} for s in (1, 2)]).to_csv(folder / "confirm" / "results.csv", index=False)
     return prepare
+
+
+# --- chosen and sequential confirmations (confirmation/) -----------------------------------------------------
+ONE_CONFIG = json.dumps([{"label": "rep", "values": {"repulsion": True, "lamda_rep": 1.0}, "source": "a test"}])
+SEQ = "--sequential --max-seeds 8 --looks 2 --margin 0.005"
+
+
+def ranked_sweep(cwd: Path) -> None:
+    """A finished sweep with one completed config besides the baseline (ranking: top1 only)."""
+    sweep_folder(results=[*ONLY_BASELINE, {"trial_id": "t1", "status": "completed", "baseline": False,
+                                           "val_acc_avg": 0.6, "trial_status": "completed"}])(cwd)
+
+
+def sweeps_with_other_bases(cwd: Path) -> None:
+    """Two sweeps whose base configs differ (--iters 8 and 9), and a config file taking one config from each."""
+    from tune_bir.sweep.plan import build_parser, plan_from_args
+
+    for name, iters in (("a", "8"), ("b", "9")):
+        plan = plan_from_args(build_parser().parse_args(["--iters", iters, "--storage-path", str(cwd / "rr"),
+                                                         "--name", name]))
+        (cwd / "rr" / name).mkdir(parents=True)
+        (cwd / "rr" / name / "sweep.json").write_text(json.dumps(plan.to_json()))
+    (cwd / "configs.json").write_text(json.dumps([
+        {"label": f"from-{n}", "values": {"repulsion": True, "lamda_rep": 1.0}, "source": {"sweep": f"rr/{n}"}}
+        for n in ("a", "b")]))
+
+
+def tampered_plan(cwd: Path) -> None:
+    """A registered confirmation whose plan.json was edited after its sha256 was recorded."""
+    folder = cwd / "c"
+    folder.mkdir()
+    text = json.dumps({"format": 1, "label": "c", "margin": 0.005}, indent=2) + "\n"
+    (folder / "state.json").write_text(json.dumps({"plan_sha256": hashlib.sha256(text.encode()).hexdigest()}))
+    (folder / "plan.json").write_text(text.replace("0.005", "0.01"))
 
 
 def mlflow_store_without_sweeps(cwd: Path) -> None:
@@ -397,6 +432,37 @@ CASES: list[Case] = [
     case("confirm-with-sweep-option", S, "--confirm {cwd}/rr/s --num-samples 9",
          ["--num-samples does not apply to --confirm"], "a sweep option that a confirmation does not use",
          prepare=sweep_folder(results=ONLY_BASELINE)),
+    # ---- python -m tune_bir.sweep --confirm DIR --config-file / --configs / --sequential ---------------------
+    case("seqconf-label-not-ranked", S, "--confirm {cwd}/rr/s --configs top1,top3", ["top3 is not in", "ranking"],
+         "a label that is not in the sweep's ranking", prepare=ranked_sweep),
+    case("seqconf-config-file-not-a-list", S, "--confirm {cwd}/c --config-file {cwd}/configs.json",
+         ["must hold a JSON list of configs"], "a config file that is not a list of configs",
+         files={"configs.json": '{"label": "rep", "values": {"repulsion": true}, "source": "x"}'}),
+    case("seqconf-config-not-a-field", S, "--confirm {cwd}/c --config-file {cwd}/configs.json",
+         ["'lamda_repp' is not a config field"], "a config file whose config sets a field that does not exist",
+         files={"configs.json": ONE_CONFIG.replace("lamda_rep", "lamda_repp")}),
+    case("seqconf-bases-differ", S, "--confirm {cwd}/c --config-file {cwd}/configs.json --iters 8",
+         ["from-b comes from sweep b", "base configs must be equal"], "configs from sweeps with different base configs",
+         prepare=sweeps_with_other_bases),
+    case("seqconf-margin-zero", S, f"--confirm {{cwd}}/c --config-file {{cwd}}/configs.json {SEQ} --margin 0",
+         "--margin must be > 0", "a sequential confirmation with no equivalence margin",
+         files={"configs.json": ONE_CONFIG}),
+    case("seqconf-looks-above-seeds", S, f"--confirm {{cwd}}/c --config-file {{cwd}}/configs.json {SEQ} --looks 9",
+         "--looks must be 1..4", "more looks than seeds", files={"configs.json": ONE_CONFIG}),
+    case("seqconf-too-few-seeds", S, f"--confirm {{cwd}}/c --config-file {{cwd}}/configs.json {SEQ} --max-seeds 3",
+         "--max-seeds must be >= 4", "a sequential confirmation of under 4 seeds", files={"configs.json": ONE_CONFIG}),
+    case("seqconf-seeds-used", S, f"--confirm {{cwd}}/c --config-file {{cwd}}/configs.json {SEQ} --first-seed 4",
+         ["seeds already used: 5 (confirmation old", "--first-seed 13", "--reuse-seeds"],
+         "seeds that the ledger knows, without --reuse-seeds",
+         files={"configs.json": ONE_CONFIG, "seed_ledger.json": json.dumps({"format": 1, "entries": [
+             {"kind": "confirmation", "label": "old", "folder": "/elsewhere/old", "seeds": list(range(5, 13)),
+              "plan_sha256": "0" * 64}]})}),
+    case("then-confirm-one-sample", S, "--then-confirm --num-samples 1 --margin 0.005",
+         ["--then-confirm needs --num-samples >= 2", "baseline"], "a sweep and confirmation with nothing to confirm"),
+    case("then-confirm-no-margin", S, "--then-confirm --num-samples 4", "--then-confirm needs --margin D",
+         "a sequential confirmation without its equivalence margin"),
+    case("seqconf-plan-tampered", S, "--confirm {cwd}/c --resume", "no longer matches its registered sha256",
+         "resuming a confirmation whose plan.json changed after it was registered", prepare=tampered_plan),
     # ---- python -m analysis ---------------------------------------------------------------------------------
     case("analysis-missing-folder", A, "{cwd}/nope", "does not exist", "analysing a folder that is not there"),
     case("analysis-not-a-sweep", A, "{cwd}/empty", "no sweep.json", "analysing a folder that holds no sweep",

@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from tune_bir.config import BIRConfig
+from tune_bir.config import SEED_STREAMS, BIRConfig
 from tune_bir.engine import Engine, accuracy_metrics
 
 BIR = dict(replay="generative", brain_inspired=True)
@@ -146,6 +147,18 @@ def test_total_loss_weights_current_by_one_over_t_and_replay_by_the_rest():
         current = m["loss/recon_current"] + m["loss/variational_current"] + m["loss/prediction"]
         replay = (m["loss/recon_replay"] + m["loss/variational_replay"] + m["loss/distillation"]) if t > 1 else 0.0
         assert m["loss/total"] == pytest.approx(current / t + (1 - 1 / t) * replay, rel=1e-5)
+
+
+def test_no_two_streams_of_any_two_seeds_share_a_seed():
+    """SeedSequence(seed).spawn: the seed + offset scheme gave seed s's "init" stream seed s+1's "learner" seed."""
+    seeds = {(s, stream): BIRConfig(seed=s).stream_seed(stream) for s in range(1000) for stream in SEED_STREAMS}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= v < 2**32 for v in seeds.values())    # torch's CPU generator keeps 32 bits of a seed
+    # the streams are numpy's SeedSequence children, the learner's global torch seed the run seed itself
+    child = np.random.SeedSequence(7).spawn(len(SEED_STREAMS))[SEED_STREAMS["init"]]
+    assert BIRConfig(seed=7).stream_seed("init") == int(child.generate_state(1, np.uint32)[0])
+    engine(seed=7, iters=1)
+    assert torch.initial_seed() == 7
 
 
 def test_same_seed_gives_identical_first_losses():

@@ -88,7 +88,8 @@ def load_sweep_plan(location: str) -> SweepPlan:
     return SweepPlan.load(folder)
 
 
-def _sweep_rows(plan: SweepPlan) -> list[dict[str, Any]]:
+def sweep_rows(plan: SweepPlan) -> list[dict[str, Any]]:
+    """A finished sweep's results.csv rows (baseline a bool, the selection metric a float); raises ConfigError."""
     if not plan.folder.exists(RESULTS_FILE):
         raise ConfigError(f"sweep {plan.folder} has no {RESULTS_FILE}: it never finished; resume it first "
                           f"({PROG} --resume --name {plan.name} --storage-path {plan.folder.root})")
@@ -112,7 +113,7 @@ def _trial_config(plan: SweepPlan, trial_id: str) -> dict[str, Any]:
 
 def select_configs(plan: SweepPlan, top_k: int) -> list[ConfirmedConfig]:
     """The baseline, then the top_k completed configs of the sweep on validation accuracy (baseline excluded)."""
-    rows = _sweep_rows(plan)
+    rows = sweep_rows(plan)
     ranked = [r for r in rank_trials(rows) if not r["baseline"]]
     if not ranked:
         raise ConfigError(f"sweep {plan.folder} has no completed trial besides the baseline: nothing to confirm "

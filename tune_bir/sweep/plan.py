@@ -92,6 +92,7 @@ class SweepOptions:
     margin: float | None = None
     alpha: float = 0.05
     spending: str = "obrien-fleming"
+    then_confirm: bool = False
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> SweepOptions:
@@ -217,6 +218,10 @@ def build_parser() -> OneLineArgumentParser:
                    help=f"family-wise two-sided error rate over looks and configs (default: {d.alpha:g})")
     c.add_argument("--spending", default=d.spending, choices=("obrien-fleming", "pocock"),
                    help=f"alpha-spending function of a sequential confirmation (default: {d.spending})")
+    c.add_argument("--then-confirm", action="store_true", default=d.then_confirm,
+                   help="run the sweep, then pre-register its best config (top1) against the baseline, confirm it "
+                        "sequentially on fresh seeds (--max-seeds, --looks, --margin, --alpha) in SWEEP/confirm, and "
+                        "write the report (python -m analysis SWEEP/confirm)")
     add_config_flags(parser, exclude=EXCLUDED_FLAGS)
     return parser
 
@@ -495,10 +500,18 @@ def given_options(argv: list[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+# Options of a confirmation only; with --then-confirm a sweep takes those of its sequential confirmation
+CONFIRMATION_ONLY = ("top_k", "seeds", "configs", "config_file", "label", "first_seed", "reuse_seeds", "sequential",
+                     "max_seeds", "looks", "margin", "alpha", "spending")
+THEN_CONFIRM_OPTIONS = ("first_seed", "max_seeds", "looks", "margin", "alpha", "spending")
+
+
 def check_confirm_options(given: set[str]) -> None:
-    """--top-k and --seeds only with --confirm; with --confirm, no option it would ignore."""
+    """The options of a confirmation only with --confirm (or, its sequential ones, with --then-confirm); with
+    --confirm, no option it would ignore."""
     if "confirm" not in given:
-        stray = sorted(given & {"top_k", "seeds"})
+        allowed = THEN_CONFIRM_OPTIONS if "then_confirm" in given else ()
+        stray = sorted(given & set(CONFIRMATION_ONLY) - set(allowed))
         if stray:
             raise ConfigError(f"{flag_name(stray[0])} is an option of --confirm SWEEP (re-running a finished sweep's "
                               f"winners on fresh seeds); add --confirm SWEEP or drop {flag_name(stray[0])}")
