@@ -276,5 +276,7 @@ def test_brain_inspired_replay_beats_no_replay_on_real_digits():
     # seeds 1-4: BI-R 0.816 0.811 0.823 0.820 (mean 0.8175, sd 0.0052); BI-R+SI (c 0.1) 0.816 0.815 0.822
     # 0.816 (mean 0.8172, sd 0.0032). Bounds: mean +- max(4 sd, 0.03), i.e. the seed-to-seed spread with room
     # for other CPUs' arithmetic; a broken replay, distillation or SI path lands far outside (no replay: ~0.2).
+    # Those seeds ran with the seed + offset streams; with the SeedSequence streams (issue #19) BI-R seed 1
+    # gives 0.828, inside its band. The other seven were not re-measured yet (the machine was at load 25-80).
     assert 0.7875 <= bir <= 0.8475, bir
     assert 0.7872 <= bir_si <= 0.8472, bir_si

@@ -13,6 +13,7 @@ are `python -m analysis SWEEP`'s (docs/analysis.md).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -20,8 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from search_spaces import EXAGGERATION_OFF
-from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
+from tune_bir.sweep.batch import BASELINE, batch_points, batch_tuner, confirmation_rows
 from tune_bir.sweep.plan import METRIC, PROG, SweepOptions, SweepPlan
 from tune_bir.sweep.run import (
     check_parent_run,
@@ -29,20 +30,11 @@ from tune_bir.sweep.run import (
     connect_ray,
     prepare_environment,
     restored_tuner,
-    run_config,
     save_to_sweep,
-    trainable_with_resources,
-    trial_dirname,
 )
-from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, trial_status
+from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials
 from tune_bir.sweep.storage import CONFIRM_DIR, CONFIRM_FILE, RESULTS_FILE, SWEEP_FILE, SweepFolder
-from tune_bir.sweep.summary import csv_text, saved_statuses
-
-BASELINE = "baseline"
-# keys of a trial's config that label it for MLflow (tags) and for the results table; the trainable ignores them
-CONFIG_KEY, SEED_KEY = "__confirm_config", "__confirm_seed"
-# final metrics kept per (config, seed), besides the per-task accuracies and the accuracy after each task
-FINAL_METRICS = ("acc_avg", "forgetting_avg", "bwt", "val_acc_avg", "val_forgetting_avg", "time_total_s")
+from tune_bir.sweep.summary import csv_text
 
 
 @dataclass
@@ -138,13 +130,7 @@ def select_configs(plan: SweepPlan, top_k: int) -> list[ConfirmedConfig]:
 
 def confirmation_points(configs: list[ConfirmedConfig], seeds: list[int]) -> list[dict[str, Any]]:
     """One Tune config per (seed, config), seed-major: the configs of a seed share its task 1 on a node."""
-    points = [{**c.trial_config, "seed": seed, "seeds_per_trial": 1, CONFIG_KEY: c.config, SEED_KEY: seed}
-              for seed in seeds for c in configs]
-    # Tune's preset points may only set keys the param space has, so every point sets every key any point
-    # sets: a field another config tunes takes its default here (the term it belongs to is off)
-    defaults = BIRConfig().to_dict()
-    keys = dict.fromkeys(k for point in points for k in point)
-    return [{k: point.get(k, defaults.get(k)) for k in keys} for point in points]
+    return batch_points({c.config: c.trial_config for c in configs}, seeds)
 
 
 def run_confirmation(options: SweepOptions) -> ConfirmOutcome:
@@ -167,18 +153,21 @@ def run_confirmation(options: SweepOptions) -> ConfirmOutcome:
         configs = select_configs(plan, options.top_k)
         seeds = fresh_seeds(plan, options.seeds)
     check_parent_run(plan.mlflow)
+    # the sweep's resources and failure retries, this call's concurrency
+    trial_options = dataclasses.replace(plan.options, max_concurrent=options.max_concurrent)
     prepare_environment()
     started_ray = connect_ray(options, (plan.options.cpus_per_trial, plan.options.gpus_per_trial))
     try:
         check_resources(plan.options.cpus_per_trial, plan.options.gpus_per_trial)
         if options.resume:
-            tuner = restored_tuner(folder.location, plan.options)
+            tuner = restored_tuner(folder.location, trial_options)
         else:
             summary = {"sweep": plan.name, "sweep_dir": plan.folder.location, "seeds": seeds,
                        "n_tasks": plan.n_tasks, "selected_on": METRIC, "reported": "acc_avg",
                        "configs": [{k: v for k, v in asdict(c).items() if k != "trial_config"} for c in configs]}
             save_to_sweep(plan, CONFIRM_FILE, json.dumps(summary, indent=2), artifact_dir=CONFIRM_DIR)
-            tuner = _new_confirmation_tuner(plan, options, confirmation_points(configs, seeds))
+            tuner = batch_tuner(plan.folder, CONFIRM_DIR, confirmation_points(configs, seeds), trial_options,
+                                plan.mlflow, f"{plan.sweep_id}-{CONFIRM_DIR}", plan.n_tasks)
         grid = tuner.fit()
         rows, unfinished = confirmation_rows(grid, folder, plan.n_tasks)
         unfinished = unfinished or len(rows) < len(configs) * len(seeds)
@@ -189,61 +178,6 @@ def run_confirmation(options: SweepOptions) -> ConfirmOutcome:
 
             ray.shutdown()
     return ConfirmOutcome(plan, folder, configs, seeds, rows, unfinished)
-
-
-def _new_confirmation_tuner(plan: SweepPlan, options: SweepOptions, points: list[dict[str, Any]]):
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from tune_bir.sweep.mlflow_callback import MlflowSweepCallback
-
-    # every point sets the same keys: the first one is the param space, the points override it
-    callback = MlflowSweepCallback(plan.mlflow, f"{plan.sweep_id}-{CONFIRM_DIR}", plan.n_tasks)
-    return tune.Tuner(
-        trainable_with_resources(plan.options),
-        param_space=dict(points[0]),
-        tune_config=tune.TuneConfig(
-            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=options.max_concurrent),
-            num_samples=len(points), reuse_actors=True, trial_dirname_creator=trial_dirname),
-        run_config=run_config(CONFIRM_DIR, plan.folder.location, [callback], plan.options.max_failures,
-                              [CONFIG_KEY, SEED_KEY]))
-
-
-def confirmation_rows(grid: Any, folder: SweepFolder, n_tasks: int) -> tuple[list[dict[str, Any]], bool]:
-    """One row per finished (config, seed) trial: final metrics and acc_avg after each task."""
-    saved = saved_statuses(folder.location)
-    rows, unfinished = [], False
-    for result in grid:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        config = result.config or {}
-        if trial_id is None or saved.get(trial_id) not in ("TERMINATED", "ERROR"):
-            unfinished = True
-            continue
-        metrics = result.metrics
-        row: dict[str, Any] = {"config": config[CONFIG_KEY], "seed": int(config[SEED_KEY]), "trial_id": trial_id,
-                               "status": trial_status(metrics, result.error is not None, n_tasks)}
-        row |= {k: metrics.get(k, math.nan) for k in FINAL_METRICS}
-        # the CPU it trained on and what its libraries dispatched to (tune_bir.record.cpu_fingerprint)
-        row |= {k[len("cpu/"):]: v for k, v in metrics.items() if k.startswith("cpu/")}
-        row |= {k: v for k, v in metrics.items() if k.startswith(("acc_task_", "val_acc_task_"))}
-        row |= after_each_task(result.metrics_dataframe, n_tasks)
-        rows.append(row)
-    rows.sort(key=lambda r: (r["config"] != BASELINE, r["config"], r["seed"]))
-    return rows, unfinished
-
-
-def after_each_task(history: Any, n_tasks: int) -> dict[str, float]:
-    """acc_avg and val_acc_avg after each task, from a trial's results (one or more per task)."""
-    out = {}
-    for t in range(1, n_tasks + 1):
-        for key in ("acc_avg", "val_acc_avg"):
-            value = math.nan
-            if history is not None and key in history:
-                at_t = history[history["task"] == t]
-                if len(at_t):
-                    value = float(at_t[key].iloc[-1])
-            out[f"{key}_after_task_{t}"] = value
-    return out
 
 
 def print_confirmation(outcome: ConfirmOutcome) -> None:
