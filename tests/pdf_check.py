@@ -34,9 +34,8 @@ def _stream(obj: bytes, objs: dict[int, bytes]) -> tuple[bytes, bytes]:
     return head, zlib.decompress(data) if b"/FlateDecode" in head else data
 
 
-def _unpredict(raw: bytes, width: int, colors: int) -> np.ndarray:
-    """Undo PNG row predictors (a filter-type byte before each row)."""
-    stride = width * colors
+def _unpredict(raw: bytes, stride: int, colors: int) -> np.ndarray:
+    """Undo PNG row predictors (a filter-type byte before each row of `stride` bytes; `colors` bytes a pixel)."""
     rows = np.frombuffer(raw, np.uint8).reshape(-1, stride + 1)
     out = np.zeros((len(rows), stride), np.int32)
     for r, row in enumerate(rows):
@@ -75,8 +74,15 @@ def _image(obj: bytes, objs: dict[int, bytes]) -> np.ndarray:
     height = int(re.search(rb"/Height (\d+)", head).group(1))
     indexed = re.search(rb"/Indexed /DeviceRGB (\d+)\s*\((.*?)\)\s*\]", head, re.S)
     colors = 1 if indexed or b"/DeviceGray" in head else 3
-    pixels = _unpredict(data, width, colors) if b"/Predictor" in head else np.frombuffer(data, np.uint8)
-    pixels = pixels.reshape(height, width, colors)
+    bits = re.search(rb"/BitsPerComponent (\d+)", head)
+    bits = int(bits.group(1)) if bits else 8   # matplotlib packs palettes of <= 16 colours at 1, 2 or 4 bits
+    stride = -(-width * colors * bits // 8)
+    pixels = (_unpredict(data, stride, max(1, colors * bits // 8)) if b"/Predictor" in head
+              else np.frombuffer(data, np.uint8)).reshape(height, stride)
+    if bits < 8:   # unpack each byte's samples, most significant first
+        shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+        pixels = ((pixels[..., None] >> shifts) & ((1 << bits) - 1)).reshape(height, -1)
+    pixels = pixels[:, :width * colors].reshape(height, width, colors)
     if indexed:   # palette of RGB triples (PDF string escapes are rare in matplotlib's grey palettes)
         palette = np.frombuffer(indexed.group(2).replace(b"\\\\", b"\\")[:3 * (int(indexed.group(1)) + 1)],
                                 np.uint8).reshape(-1, 3)
