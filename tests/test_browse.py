@@ -100,7 +100,12 @@ def test_mlflow_ui_opens_the_sweeps_experiment_on_its_runs_with_the_report_and_t
         curves = (f"{ui}/#/experiments/{mlflow['experiment_id']}/runs/{child.info.run_id}/model-metrics"
                   "?workflowType=machine_learning")
         # charts are drawn once scrolled into view (a tall window) and after their data came (more time)
-        shown = text(render(curves, window="1600,3200", budget_ms=60_000))
-        for metric in ("val_acc_avg", "acc_avg", "acc_task_1", "forgetting_avg"):
+        # lazily drawn charts can miss one render on a busy machine (seen once in CI): up to 3 renders, same check
+        metrics = ("val_acc_avg", "acc_avg", "acc_task_1", "forgetting_avg")
+        for _ in range(3):
+            shown = text(render(curves, window="1600,3200", budget_ms=60_000))
+            if all(metric in shown for metric in metrics):
+                break
+        for metric in metrics:
             assert metric in shown
         screenshot(curves, shots and shots / "mlflow_trial_curves.png", window="1600,3200", budget_ms=60_000)
