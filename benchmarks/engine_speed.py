@@ -41,6 +41,7 @@ from tune_bir.data import Protocol, Split
 from tune_bir.engine import Engine, float32_matmul_precision
 from tune_bir.model import ModelSpec
 from tune_bir.nets import ConvLayers
+from tune_bir.record import cpu_model
 
 TERMS = {
     "repulsion": dict(repulsion=True, lamda_rep=1e3),
@@ -392,18 +393,8 @@ def device_record(device: torch.device, threads: int) -> dict:
         record |= {"name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
                    "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30}
     else:
-        record["name"] = _cpu_name()
+        record["name"] = cpu_model()
     return record
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:

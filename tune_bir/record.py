@@ -57,13 +57,13 @@ def cpu_fingerprint(threads: int | None = None) -> dict[str, Any]:
     Flat string/int values (None where unknown), keys FINGERPRINT_FIELDS."""
     import torch
 
-    found = {"cpu_model": _cpu_model(), "cpu_isa_torch": torch.backends.cpu.get_cpu_capability(),
+    found = {"cpu_model": cpu_model(), "cpu_isa_torch": torch.backends.cpu.get_cpu_capability(),
              **_library_isas(), "threads": int(threads) if threads else torch.get_num_threads(),
              "torch_version": torch.__version__}
     return {name: found[name] for name in FINGERPRINT_FIELDS}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
