@@ -206,15 +206,33 @@ def test_mlflow_server_matches_the_uri_the_sweep_uses() -> None:
 
 
 # --- docs ---------------------------------------------------------------------------------------------------
-def test_sweep_commands_in_the_cluster_doc_parse() -> None:
+def _cluster_doc_commands() -> tuple[list[str], list[str]]:
+    """Sweep commands of the README's cluster section: (for a cluster, of its "(what the tests do)" subsections)."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Run on a Ray cluster", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if SWEEP in c]
-    assert commands, "no sweep command in the README's cluster section"
-    for command in commands:
+    cluster, local = [], []
+    for i, part in enumerate(section.split("\n### ")):
+        blocks = re.findall(r"```bash\n(.*?)```", part, flags=re.S)
+        commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if SWEEP in c]
+        (local if i and "(what the tests do)" in part.splitlines()[0] else cluster).extend(commands)
+    return cluster, local
+
+
+def test_sweep_commands_in_the_cluster_doc_parse() -> None:
+    cluster, _ = _cluster_doc_commands()
+    assert cluster, "no sweep command in the README's cluster section"
+    for command in cluster:
         args = _parse_sweep_args(_sweep_argv(command.split("#")[0]))
         assert args.address == "auto", command
+
+
+def test_sweep_commands_of_the_local_test_setups_parse() -> None:
+    """The "(what the tests do)" subsections run on one machine: their commands parse, and join no cluster."""
+    _, local = _cluster_doc_commands()
+    assert len(local) >= 3, "the S3 subsection shows the sweep, its resume and its confirmation"
+    for command in local:
+        args = _parse_sweep_args(_sweep_argv(command.split("#")[0]))
+        assert args.address is None, command
 
 
 # --- Dockerfile, .dockerignore -------------------------------------------------------------------------------
