@@ -163,7 +163,7 @@ def _sequential(args: argparse.Namespace) -> int:
     """`python -m analysis CONFIRM_FOLDER`: a pre-registered sequential confirmation's verdicts and report."""
     import json
 
-    from analysis.sequential_report import STATE_FILE, read_sequential, write_sequential_report
+    from analysis.sequential_report import STATE_FILE, naive_mean_bias, read_sequential, write_sequential_report
 
     conf = read_sequential(args.sweep_dir)   # refuses a changed plan and results outside it, before writing
     out = args.out or str(conf.folder / "report")
@@ -185,7 +185,8 @@ def _sequential(args: argparse.Namespace) -> int:
             at = "after" if r["verdict"] == "go on" else "at"
             print(f"  {r['config']}: {r['verdict']} {at} look {r['look']} ({r['n']} seeds), repeated CI "
                   f"[{r['rci_low']:+.4f}, {r['rci_high']:+.4f}], naive mean {r['mean_diff_naive']:+.4f}"
-                  + (" (biased away from 0: it stopped early)" if r["look"] < len(conf.design.looks) else ""))
+                  + (f" ({bias})" if (bias := naive_mean_bias(r["verdict"], r["look"] < len(conf.design.looks)))
+                     else ""))
         else:
             print(f"  {r['config']}: {r['verdict']}")
     for note in notes:

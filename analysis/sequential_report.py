@@ -44,6 +44,15 @@ PLAN_FILE, STATE_FILE, LOOKS_FILE, RESULTS_FILE, LEDGER_FILE = (
     "plan.json", "state.json", "looks.json", "results.csv", "seed_ledger.json")
 TABLE_FILE, REPORT_FILE = "sequential.csv", "report.md"
 CPU_FIELDS = ("cpu_model", "cpu_isa_torch", "cpu_isa_mkl", "mkl_cbwr", "cpu_isa_onednn", "threads")
+def naive_mean_bias(verdict: str, stopped_early: bool) -> str:
+    """Which way a config's naive mean is pulled by the look it stopped at ("" when it did not stop early)."""
+    if not stopped_early or verdict in (GO_ON, UNDECIDED):
+        return ""
+    if verdict == EQUIVALENT:
+        return "biased towards 0: it stopped early for equivalence"
+    return "biased away from 0: it stopped early for a difference"
+
+
 MEANING = {
     BETTER: "better than the baseline: the repeated interval excludes 0 on the positive side",
     WORSE: "worse than the baseline: the repeated interval excludes 0 on the negative side",
@@ -327,11 +336,13 @@ def write_sequential_report(conf: SequentialConfirmation, out: str) -> tuple[pd.
     lines += [f"- *{name}*: {text}." for name, text in MEANING.items() if name in set(table["verdict"])]
     lines += [
         "",
-        "**The naive mean is biased.** A config stops at the first look where its interval clears 0 (or fits "
-        "inside +-D), so a config that stopped early did so because its mean happened to be far from 0: a plain "
-        "mean after an early stop is biased away from zero (Jennison & Turnbull 2000, ch. 8). Quote the repeated "
-        "confidence interval: it keeps its coverage whenever the confirmation stopped. The naive mean and the "
-        "plain p-value (sequential.csv: `p_naive`, compared there with `nominal_level`) are for reference only.",
+        "**The naive mean is biased.** A config stops at the first look where its interval clears 0 or fits "
+        "inside +-D, so the mean it stopped with is a selected one: after a better/worse stop it is biased away "
+        "from zero (it stopped because its mean happened to be far from 0), after an equivalence stop towards "
+        "zero (it stopped because its mean happened to be near 0) (Jennison & Turnbull 2000, ch. 8). Quote the "
+        "repeated confidence interval: it keeps its coverage whenever the confirmation stopped. The naive mean "
+        "and the plain p-value (sequential.csv: `p_naive`, compared there with `nominal_level`) are for "
+        "reference only.",
         "",
         f"Family-wise error: better/worse claims over the {m} config(s) together are wrong with probability at "
         f"most {design.alpha:g} (Holm over the configs, alpha spending over the looks); equivalence claims "

@@ -35,6 +35,11 @@ def test_report_gives_each_configs_verdict_interval_stop_orders_and_cpus(tmp_pat
         assert table.loc[config, "cpu"].startswith("every pair on the same CPU kind")
     report = (folder / "report" / "report.md").read_text()
     assert "biased away from zero" in report and "repeated confidence interval" in report
+    printed = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    if stop["rep"][0] < len(LOOKS6):
+        assert "biased away from 0" in printed["rep"]
+    if stop["con"][0] < len(LOOKS6):
+        assert "biased towards 0" in printed["con"]
     assert f"look {stop['rep'][0]}, {stop['rep'][1]} seeds (100..{99 + stop['rep'][1]})" in report
     assert "## Notes" not in report
 
@@ -143,3 +148,28 @@ def test_fixed_designs_use_the_bonferroni_level(d_z, power, expected):
 
     assert fixed_seeds(d_z, power, 0.05, 2) == expected
     assert TTestPower().power(d_z, expected, 0.025) >= power > TTestPower().power(d_z, expected - 1, 0.025)
+
+
+def test_the_naive_means_bias_is_the_way_the_report_says():
+    """A plain simulation of the stopping rule: after a difference stop the mean is pulled away from 0, after an
+    equivalence stop towards 0 (what naive_mean_bias and the report say); true mean 0.002, sd 0.007, D 0.005."""
+    import numpy as np
+    from scipy import stats
+
+    from analysis.sequential_report import naive_mean_bias
+
+    true, sd, margin = 0.002, 0.007, 0.005
+    x = np.random.default_rng(0).normal(true, sd, (4000, LOOKS6[-1]))
+    stopped: dict[str, list[float]] = {"better": [], "equivalent": []}
+    undecided = np.ones(len(x), bool)
+    for n in LOOKS6[:-1]:
+        mean, se = x[:, :n].mean(1), x[:, :n].std(1, ddof=1) / n ** 0.5
+        half = stats.t.ppf(0.975, n - 1) * se
+        better = undecided & (mean - half > 0)
+        equivalent = undecided & ~better & (mean - half > -margin) & (mean + half < margin)
+        stopped["better"] += list(mean[better])
+        stopped["equivalent"] += list(mean[equivalent])
+        undecided &= ~(better | equivalent)
+    assert np.mean(stopped["better"]) > true + 0.0005 and "away from 0" in naive_mean_bias("better", True)
+    assert np.mean(stopped["equivalent"]) < true - 0.0005 and "towards 0" in naive_mean_bias("equivalent", True)
+    assert naive_mean_bias("equivalent", False) == naive_mean_bias("go on", True) == ""
