@@ -38,7 +38,8 @@ import torch
 
 from tune_bir.config import COMPILE_MODES, PRECISIONS, BIRConfig
 from tune_bir.data import Protocol, Split
-from tune_bir.engine import Engine, float32_matmul_precision
+from tune_bir.device import float32_matmul_precision
+from tune_bir.engine import Engine
 from tune_bir.model import ModelSpec
 from tune_bir.nets import ConvLayers
 from tune_bir.record import cpu_model

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tune_bir.config import SEED_STREAMS, BIRConfig
-from tune_bir.engine import Engine, accuracy_metrics
+from tune_bir.engine import Engine
+from tune_bir.evaluation import accuracy_metrics
 
 BIR = dict(replay="generative", brain_inspired=True)
 
@@ -25,7 +26,7 @@ def test_replay_draws_only_classes_of_previous_tasks():
     e = engine(**BIR)
     e.train_task()
     e.train_task()  # now in task 3: previous classes are 0..3
-    classes = torch.cat([e._replay_classes(3) for _ in range(50)])
+    classes = torch.cat([e.replay._replay_classes(3) for _ in range(50)])
     assert classes.min() >= 0 and classes.max() <= 3
     assert set(classes.tolist()) == {0, 1, 2, 3}
 
@@ -34,7 +35,7 @@ def test_replay_scores_cover_previous_classes_only():
     e = engine(**BIR)
     e.train_task()
     h = e.data.train[1].x[:8]
-    h_replay, scores = e._replay(h, 2)
+    h_replay, scores = e.replay._replay(h, 2)
     assert h_replay.shape == (32, 1, 28, 28) and scores.shape == (32, 2)
 
 
@@ -239,12 +240,12 @@ def test_classifier_baselines_train(replay):
 
 def test_generative_replay_with_a_separate_generator_trains_both_models():
     e = engine(replay="generative", distill=True, iters=10)
-    assert e.generator_model is not None and e.model.spec.decoder is False
+    assert e.replay.generator_model is not None and e.model.spec.decoder is False
     e.train_task()
-    generator, classifier = (copy.deepcopy(m.state_dict()) for m in (e.generator_model, e.model))
+    generator, classifier = (copy.deepcopy(m.state_dict()) for m in (e.replay.generator_model, e.model))
     m = e.train_task()
     # in task 2 both models learn, each on current and replayed inputs (their replay losses are logged)
-    for model, before in ((e.generator_model, generator), (e.model, classifier)):
+    for model, before in ((e.replay.generator_model, generator), (e.model, classifier)):
         moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
         assert moved, type(model).__name__
     assert "loss/generator_replay" in m and "loss/distillation" in m

@@ -21,9 +21,11 @@ import torch
 
 from tune_bir.config import BIRConfig
 from tune_bir.data import Protocol, Split
-from tune_bir.engine import BatchSampler, Engine, float32_matmul_precision
+from tune_bir.device import float32_matmul_precision
+from tune_bir.engine import Engine
 from tune_bir.generators import restore_generator
 from tune_bir.safe_load import load_torch_file
+from tune_bir.scenario import BatchSampler
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -262,13 +264,13 @@ def test_cuda_contrastive_step_synchronises_only_inside_kornia(monkeypatch):
 def test_tf32_matmuls_inside_the_cuda_step_only():
     e = small_engine("cuda", precision="tf32")
     seen = []
-    forward = e._vae_forward
+    forward = e.replay.learner.vae_forward
 
     def spy(*args):
         seen.append(torch.get_float32_matmul_precision())
         return forward(*args)
 
-    e._vae_forward = spy
+    e.replay.learner.vae_forward = spy
     before = torch.get_float32_matmul_precision()
     e.train_segment(2)
     assert seen == ["high", "high"]

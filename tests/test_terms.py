@@ -162,7 +162,7 @@ def test_a_registered_term_changes_the_gradient_of_a_replay_step(toy_term):
         engine = Engine(cfg)
         engine.train_task()
         train = engine.data.train[1]
-        objectives = engine._objectives(train.x[:32], train.y[:32], 2)
+        objectives = engine.replay.objectives(train.x[:32], train.y[:32], 2)
         engine.optimizer.zero_grad(set_to_none=True)
         objectives.main.backward()
         return {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
@@ -203,7 +203,7 @@ def _replay_step(cfg: BIRConfig) -> tuple[Engine, dict[str, torch.Tensor], dict[
     engine = Engine(cfg)
     engine.adopt_first_task(copy.deepcopy(_task_one(cfg.iters)))
     train = engine.data.train[1]
-    objectives = engine._objectives(train.x[:32], train.y[:32], 2)
+    objectives = engine.replay.objectives(train.x[:32], train.y[:32], 2)
     params = dict(engine.model.named_parameters())
     main = torch.autograd.grad(objectives.main, list(params.values()), allow_unused=True, retain_graph=True)
     own = {}

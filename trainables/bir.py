@@ -27,8 +27,9 @@ from ray import tune
 import tune_bir.data
 from trainables import data_cache, first_task_cache
 from tune_bir.config import OUTPUT_FIELDS, BIRConfig
+from tune_bir.device import resolve_device
 from tune_bir.engine import CHECKPOINT_FORMAT as ENGINE_CHECKPOINT_FORMAT
-from tune_bir.engine import Engine, resolve_device
+from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
 from tune_bir.record import cpu_fingerprint
 from tune_bir.safe_load import load_torch_file

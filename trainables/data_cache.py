@@ -21,8 +21,8 @@ import tune_bir.data
 from trainables.node_cache import cache_dir, cache_key, content_digest, fingerprint, save_atomically
 from tune_bir.config import BIRConfig
 from tune_bir.data import Split
-from tune_bir.engine import HiddenData, prepare_hidden_data
 from tune_bir.errors import ConfigError
+from tune_bir.hidden import HiddenData, prepare_hidden_data
 from tune_bir.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from tune_bir.data import load_protocol
-    from tune_bir.engine import resolve_device
+    from tune_bir.device import resolve_device
     from tune_bir.nets import MLP, ConvLayers, adam, linear
 
     device = resolve_device(args.device)

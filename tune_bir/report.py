@@ -45,7 +45,7 @@ def write_run_report(engine: Engine, record: dict[str, Any], path: Path) -> Path
 @torch.no_grad()
 def _pixel_samples(engine: Engine, per_class: int = 8) -> torch.Tensor | None:
     """Decoded samples of every class (only where replay is in pixel space: MNIST)."""
-    generator = engine.generator_model or (engine.model if engine.model.spec.decoder else None)
+    generator = getattr(engine.replay, "generator_model", None) or (engine.model if engine.model.spec.decoder else None)
     if generator is None or engine.conv is not None:
         return None
     n_classes = engine.scenario.n_outputs

@@ -1,0 +1,59 @@
+"""Where and how precisely a run computes: the device (`--device`), `--precision` and `--compile`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from tune_bir.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda[:N]` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name} but no CUDA device is available here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 autocast needs a CUDA device that supports it (the CPU always does, natively or emulated)."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch's float32 matmul precision ("highest" | "high" = TF32 | "medium") inside the block, restored after:
+    `--precision tf32` must not leak into evaluation or into other code of the process."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def tf32_matmuls(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`--precision tf32`: float32 matrix products on a CUDA device's TF32 units inside the block; elsewhere (and
+    on the CPU, which has no TF32 units) nothing changes."""
+    if precision == "tf32" and device.type == "cuda":
+        return float32_matmul_precision("high")
+    return contextlib.nullcontext()
+
+
+def compiled(fn: Callable, mode: str) -> Callable:
+    """`fn` itself (`--compile off`), or torch.compile of it in that mode (reduce-overhead: CUDA graphs on a GPU)."""
+    if mode == "off":
+        return fn
+    return torch.compile(fn, mode=mode)
