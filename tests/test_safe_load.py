@@ -172,7 +172,7 @@ def _rewritten(saved: Path, tmp_path: Path, name: str, change) -> Path:
 
 @pytest.mark.parametrize(("name", "change", "phrase"), [
     ("older_trial_format", lambda s: s.update(format=0), "format 0; this code reads format 1 only"),
-    ("older_engine_format", lambda s: s["engines"][0].update(format=2), "learner has format 2"),
+    ("older_engine_format", lambda s: s["engines"][0].update(format=3), "learner has format 3"),
     ("other_seed_count", lambda s: s["engines"].append(s["engines"][0]), "holds 2 seed(s), this trial trains 1"),
     ("no_engines", lambda s: s.pop("engines"), "incomplete"),
     ("config_field_absent", lambda s: s["engines"][0]["config"].pop("lamda_rep"), "lamda_rep=<absent>"),
