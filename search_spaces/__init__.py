@@ -36,7 +36,8 @@ from tune_bir.fields import flag_name
 from tune_bir.terms import exaggeration_off
 
 SPACES_DIR = Path(__file__).resolve().parent
-NAMED_SPACES = ("repulsion", "recon", "contrastive", "all")
+# every YAML file beside this module is a named space (`--space NAME`), in a fixed order
+NAMED_SPACES = tuple(sorted(path.stem for path in SPACES_DIR.glob("*.yaml")))
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "logint", "choice")
 
 
@@ -157,7 +158,7 @@ class SearchSpace:
 
 
 def load_space(name_or_path: str) -> SearchSpace:
-    """A named space (`repulsion`, `recon`, `contrastive`, `all`) or a YAML file; raises ConfigError."""
+    """A named space (`NAMED_SPACES`: the YAML files beside this module) or a YAML file; raises ConfigError."""
     path = Path(name_or_path).expanduser()
     if name_or_path in NAMED_SPACES:
         return _load_file(SPACES_DIR / f"{name_or_path}.yaml", name_or_path, seen=())

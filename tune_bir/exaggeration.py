@@ -318,7 +318,7 @@ class NotHiddenViews(ContrastiveReplay):
     weight_field = None
     options = ("aux_decoder",)
     sub_switches = ()
-    exaggerates = False
+    off_in_baseline = False
     train = False
 
     @classmethod

@@ -8,15 +8,19 @@ from typing import Any
 
 from tune_bir.errors import ConfigError
 
+# Fields whose flag is not their name's spelling: `--lambda` is a Python keyword, so the original code's `dest`
+FLAG_ALIASES = {"ewc_lambda": "--lambda"}
+
 
 def flag_name(name: str) -> str:
     """The command-line flag of a config field: `lamda_rep` -> `--lamda-rep` (the original code's spelling)."""
-    return "--" + name.replace("_", "-")
+    return FLAG_ALIASES.get(name) or "--" + name.replace("_", "-")
 
 
 def field_name(flag: str) -> str:
     """The config field of a command-line flag: `--lamda-rep` -> `lamda_rep` (inverse of `flag_name`)."""
-    return flag.removeprefix("--").replace("-", "_")
+    aliased = {v: k for k, v in FLAG_ALIASES.items()}
+    return aliased.get(flag) or flag.removeprefix("--").replace("-", "_")
 
 
 def check_positive(cfg: Any, *names: str, allow_zero: bool = False) -> None:

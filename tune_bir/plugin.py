@@ -84,7 +84,7 @@ class Plugin:
     options: ClassVar[tuple[str, ...]] = ()              # further fields that act only through this plugin
     sub_switches: ClassVar[tuple[str, ...]] = ()         # boolean options: off in a sweep's baseline
     acts_on_replay: ClassVar[bool] = False               # True: acts from task 2 on, on replayed memories only
-    exaggerates: ClassVar[bool] = False                  # True: a memory-exaggeration term (off in a baseline)
+    off_in_baseline: ClassVar[bool] = False              # True: what a sweep compares (off in its baseline)
 
     weight: float = 1.0
 
@@ -167,7 +167,7 @@ class ExaggerationTerm(Plugin):
     """
 
     acts_on_replay = True
-    exaggerates = True
+    off_in_baseline = True
 
 
 _REGISTRY: dict[str, type[Plugin]] = {}

@@ -4,9 +4,9 @@ A plugin class (a subclass of `tune_bir.plugin.Plugin`, registered with `@regist
 attributes, which `BIRConfig` field switches it on (`switch`), which one weights it (`weight_field`), which
 other fields act only through it (`options`), which of those are boolean sub-switches (`sub_switches`:
 off in a sweep's baseline, refused without the plugin), whether it acts on replayed memories only
-(`acts_on_replay`, the exaggeration terms) and whether it exaggerates (`exaggerates`: off in a sweep's
-baseline). Everything the rest of the code needs to know about the set of plugins is derived here, never
-listed by hand:
+(`acts_on_replay`, the exaggeration terms) and whether it is what a sweep compares (`off_in_baseline`:
+the exaggeration terms, EWC). Everything the rest of the code needs to know about the set of plugins is
+derived here, never listed by hand:
 
 - `replay_only_fields()`: the fields two configs may differ in and still train task 1 identically
   (`BIRConfig.first_task_fields`, `Engine.adopt_first_task`);
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 # Modules whose import registers the built-in plugins (in this order: it is the order of method labels,
 # of the plugins' hooks and losses, and of their checks).
-BUILTIN_MODULES = ("tune_bir.si", "tune_bir.exaggeration")
+BUILTIN_MODULES = ("tune_bir.si", "tune_bir.ewc", "tune_bir.exaggeration")
 
 _builtins_loaded = False
 
@@ -75,7 +75,7 @@ def replay_only_fields() -> tuple[str, ...]:
 def exaggeration_off() -> dict[str, bool]:
     """A sweep baseline's overrides: every exaggerating term's switch and every sub-switch off."""
     terms = registered()
-    names = _unique([*(t.switch for t in terms if t.exaggerates), *(s for t in terms for s in t.sub_switches)])
+    names = _unique([*(t.switch for t in terms if t.off_in_baseline), *(s for t in terms for s in t.sub_switches)])
     return dict.fromkeys(names, False)
 
 
@@ -85,20 +85,20 @@ def enabled(cfg: BIRConfig) -> tuple[type[Plugin], ...]:
 
 
 def uses_exaggeration(cfg: BIRConfig) -> bool:
-    return any(term.exaggerates for term in enabled(cfg))
+    return any(term.off_in_baseline for term in enabled(cfg))
 
 
 def idle_fields(cfg: BIRConfig) -> list[tuple[str, tuple[str, ...]]]:
-    """Term weights and options set away from their defaults while no term that declares them is on, each with
-    the switches that would make it act: values that change nothing. Not part of `check_config`: a sweep's
-    baseline switches its terms off and keeps the base config's options (the command lines refuse these)."""
+    """Plugin weights and options set away from their defaults while no plugin that declares them is on, each
+    with the switches that would make it act: values that change nothing. Not part of `check_config`: a sweep's
+    baseline switches its plugins off and keeps the base config's options (the command lines refuse these)."""
     import dataclasses
 
     default = {f.name: f.default for f in dataclasses.fields(cfg)}
     terms = registered()
     skip = {t.switch for t in terms} | {s for t in terms for s in t.sub_switches}   # sub-switches: check_config
     idle = []
-    for name in replay_only_fields():
+    for name in _unique(f for t in terms for f in t.fields()):
         owners = [t for t in terms if name in t.fields()]
         if name in skip or any(getattr(cfg, t.switch) for t in owners):
             continue
