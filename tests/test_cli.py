@@ -146,6 +146,12 @@ def test_readme_terms_with_active_weights_change_the_learner_and_not_hidden_does
         flags = ["--experiment=splitMNIST5k", *README_COMMON[:-1], "--c=0.1", *README_VARIANTS[variant],
                  *ACTIVE_WEIGHTS.get(variant, []), *FAST, f"--results-dir={tmp_path}", f"--run-name={variant}"]
         assert train.main(flags) == 0
+        summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task 5: ")]
+        plugins = summary[0].partition(" | plugins: ")[2]   # the per-task console line: main losses, then plugins'
+        shown = {"baseline": ["si"], "recon": ["si", "recon_repulsion", "recon_attraction"]}.get(
+            variant, ["si"] if variant == "not-hidden" else ["si", variant])
+        assert "losses: " in summary[0] and "distillation" in summary[0].partition(" | ")[0]
+        assert [part.split()[0] for part in plugins.split(", ")] == shown, summary
         return json.loads((tmp_path / f"{variant}.json").read_text())["metrics_per_task"]
 
     distill = lambda m: [t["loss/distillation"] for t in m[2:]]   # noqa: E731

@@ -3,6 +3,7 @@ design maps that once lived outside the repository (their file names, section nu
 
 from __future__ import annotations
 
+import ast
 import io
 import re
 import subprocess
@@ -154,3 +155,50 @@ def test_every_cited_difference_is_listed():
                                      "MLflow run layout", "The sweep folder", "Resume"])
 def test_sweep_doc_has_the_sections_the_code_cites(heading):
     assert heading in headings("sweep")
+
+
+# a constant of the code quoted in the docs: `NAME`, and `NAME` = value where the docs give its value
+QUOTED_CONSTANT = re.compile(r"`([A-Z][A-Z0-9_]{3,})`")
+QUOTED_VALUE = re.compile(r"`([A-Z][A-Z0-9_]{3,})` = ([0-9][0-9.e+-]*)")
+CODE_PACKAGES = ("tune_bir", "trainables", "search_spaces", "analysis", "benchmarks")
+
+
+@cache
+def code_constants() -> dict[str, list[object]]:
+    """Module-level constants of the project's code: name -> its values (None where not a literal), one per module."""
+    found: dict[str, list[object]] = {}
+    for package in CODE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.parse(path.read_text()).body:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                    if isinstance(node, ast.AnnAssign) and node.value is not None else []
+                for target in targets:
+                    if isinstance(target, ast.Name) and target.id.isupper():
+                        try:
+                            value = ast.literal_eval(node.value)
+                        except ValueError:
+                            value = None
+                        found.setdefault(target.id, []).append(value)
+    return found
+
+
+@cache
+def code_strings() -> set[str]:
+    """Every string constant of the project's code (environment variables, statuses, protocol names)."""
+    return {node.value for package in CODE_PACKAGES for path in (ROOT / package).rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def test_constants_the_docs_quote_exist_with_the_quoted_values():
+    stale = []
+    for doc in ("algorithm", "architecture", "extending"):   # the documents that describe the code
+        text = (DOCS / f"{doc}.md").read_text()
+        for name in sorted(set(QUOTED_CONSTANT.findall(text))):
+            if name not in code_constants() and name not in code_strings():
+                stale.append(f"docs/{doc}.md: `{name}` is no constant of the code")
+        for name, quoted in QUOTED_VALUE.findall(text):
+            values = code_constants().get(name, [])
+            if float(quoted.rstrip(".")) not in [v for v in values if isinstance(v, (int, float))]:
+                stale.append(f"docs/{doc}.md: `{name}` = {quoted}, the code has {values}")
+    assert not stale, "\n".join(stale)

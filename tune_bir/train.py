@@ -65,6 +65,14 @@ def method_label(cfg: BIRConfig) -> str:
     return "+".join([label, *(plugin.method_label() for plugin in enabled(cfg))])
 
 
+def format_losses(metrics: dict[str, float], plugins: tuple[str, ...]) -> str:
+    """A task's mean losses in one line: the learner's own, then each plugin's (`loss/<name>`)."""
+    losses = {k.removeprefix("loss/"): v for k, v in metrics.items() if k.startswith("loss/")}
+    main = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k not in plugins)
+    own = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k in plugins)
+    return f"losses: {main}" + (f" | plugins: {own}" if own else "")
+
+
 def format_table(acc_history: list[list[float]]) -> str:
     """Accuracy of each task (columns) after training each task (rows)."""
     n = len(acc_history)
@@ -115,12 +123,14 @@ def _run(cfg: BIRConfig, results_dir: Path, n_threads: int) -> int:
           + (f" ({n_threads} CPU thread{'s' if n_threads > 1 else ''})" if engine.device.type == "cpu" else ""))
     live = _MlflowLive(cfg, run_name) if cfg.mlflow else None
     per_task: list[dict[str, float]] = []
+    plugin_names = tuple(plugin.name for plugin in engine.plugins)
     while not engine.done:
         t = engine.current_task
         with tqdm(total=cfg.iters, desc=f"task {t}/{engine.n_tasks}", unit="it", file=sys.stdout,
                   dynamic_ncols=True, leave=True) as bar:
             metrics = engine.train_task(on_iteration=lambda: bar.update(1))
             bar.set_postfix(acc_avg=f"{metrics['acc_avg']:.4f}")
+        print(f"task {t}: acc_avg {metrics['acc_avg']:.4f}  " + format_losses(metrics, plugin_names))
         per_task.append(metrics)
         if live:
             live.log(metrics, step=t)
