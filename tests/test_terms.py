@@ -1,4 +1,4 @@
-"""The exaggeration-term registry: built-in declarations, lists derived from them, a toy term end to end."""
+"""The plugin registry: built-in declarations, lists derived from them, every built-in term in the learner."""
 
 from __future__ import annotations
 
@@ -84,108 +84,7 @@ def test_a_resolved_config_resolves_to_itself_until_changed():
         cfg.resolved()
 
 
-# -- a toy term, registered by a test: everything derived from the registry sees it ------------------
-@dataclasses.dataclass
-class ToyConfig(BIRConfig):
-    """BIRConfig plus the fields of the toy term (a real term adds them to BIRConfig itself)."""
-
-    toy_pull: bool = False
-    lamda_toy: float = 1.0
-    toy_squared: bool = False
-
-
-class ToyPull(terms.ExaggerationTerm):
-    """Pulls the replayed memories' posterior means towards the origin: mean of |mu| (or of mu^2)."""
-
-    name = switch = "toy_pull"
-    weight_field = "lamda_toy"
-    options = ("toy_squared",)
-    sub_switches = ("toy_squared",)
-
-    def __init__(self, weight: float, squared: bool):
-        self.weight, self.squared = weight, squared
-
-    @classmethod
-    def from_config(cls, cfg, context):
-        return cls(cfg.lamda_toy, cfg.toy_squared)
-
-    def replay_loss(self, batch):
-        return batch.mu.pow(2).mean() if self.squared else batch.mu.abs().mean()
-
-
-@pytest.fixture
-def toy_term():
-    terms.register(ToyPull)
-    yield ToyPull
-    terms.unregister(ToyPull.name)
-
-
-def test_a_registered_term_appears_in_every_derived_list(toy_term):
-    assert terms.registered()[-1] is ToyPull   # after the built-in terms
-    assert EXAGGERATION_OFF["toy_pull"] is False and EXAGGERATION_OFF["toy_squared"] is False
-    assert {"toy_pull", "lamda_toy", "toy_squared"} <= set(terms.replay_only_fields())
-    assert not {"toy_pull", "lamda_toy", "toy_squared"} & set(ToyConfig(**BIR).first_task_fields())
-    with pytest.raises(ConfigError, match="--toy-pull acts on replayed memories"):
-        ToyConfig(experiment="splitMNIST5k", toy_pull=True).resolved()
-    with pytest.raises(ConfigError, match="--toy-squared needs --toy-pull"):
-        ToyConfig(**BIR, toy_squared=True).resolved()
-    with pytest.raises(ConfigError, match="--lamda-toy must be >= 0"):
-        ToyConfig(**BIR, toy_pull=True, lamda_toy=-1.0).resolved()
-    cfg = ToyConfig(**BIR, toy_pull=True).resolved()
-    assert cfg.uses_exaggeration and method_label(cfg) == "BI-R+SI+toy_pull"
-    assert not ToyConfig(**BIR, **EXAGGERATION_OFF).resolved().uses_exaggeration
-
-
-def test_unregistering_leaves_the_builtin_lists():
-    assert "toy_pull" not in EXAGGERATION_OFF and "toy_pull" not in terms.switches()
-
-
-def _trained(cfg: BIRConfig, tasks: int = 2) -> tuple[Engine, dict]:
-    engine = Engine(cfg)
-    for _ in range(tasks):
-        metrics = engine.train_task()
-    return engine, metrics
-
-
-def test_the_engine_applies_a_registered_term_and_a_zero_weight_changes_nothing(toy_term):
-    baseline, _ = _trained(ToyConfig(**BIR))
-    zero, zero_metrics = _trained(ToyConfig(**BIR, toy_pull=True, lamda_toy=0.0))
-    pulled, pulled_metrics = _trained(ToyConfig(**BIR, toy_pull=True, lamda_toy=100.0, toy_squared=True))
-    assert "loss/toy_pull" in zero_metrics and "loss/toy_pull" in pulled_metrics
-    base, zeroed, moved = (e.model.state_dict() for e in (baseline, zero, pulled))
-    assert all(torch.equal(base[k], zeroed[k]) for k in base)
-    assert not all(torch.equal(base[k], moved[k]) for k in base)
-
-
-def test_a_registered_term_changes_the_gradient_of_a_replay_step(toy_term):
-    def step_grads(cfg: BIRConfig) -> dict[str, torch.Tensor]:
-        engine = Engine(cfg)
-        engine.train_task()
-        train = engine.data.train[1]
-        objectives = engine.replay.objectives(train.x[:32], train.y[:32], 2)
-        engine.optimizer.zero_grad(set_to_none=True)
-        objectives.main.backward()
-        return {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
-
-    base = step_grads(ToyConfig(**BIR))
-    zero = step_grads(ToyConfig(**BIR, toy_pull=True, lamda_toy=0.0))
-    pulled = step_grads(ToyConfig(**BIR, toy_pull=True, lamda_toy=10.0))
-    assert base.keys() == zero.keys() == pulled.keys()
-    assert all(torch.equal(base[k], zero[k]) for k in base)
-    # the pull acts on the posterior mean (and the encoder below it), not on the classifier's head
-    assert not torch.equal(base["toZ_mean.weight"], pulled["toZ_mean.weight"])
-
-
-def test_a_registered_term_keeps_task_one_shareable(toy_term):
-    flags = dict(BIR, val_fraction=0.1)
-    reference, expected = _trained(ToyConfig(**flags, toy_pull=True, lamda_toy=10.0), tasks=2)
-    baseline = Engine(ToyConfig(**flags))
-    baseline.train_task()
-    adopter = Engine(ToyConfig(**flags, toy_pull=True, lamda_toy=10.0))
-    adopter.adopt_first_task(copy.deepcopy(baseline.state_dict()))
-    got = adopter.train_task()
-    strip = lambda m: {k: v for k, v in m.items() if k != "time_this_step_s"}  # noqa: E731
-    assert strip(got) == strip(expected)
+# -- a plugin registered from outside: docs/extending.md's worked example, tests/test_extending.py -----
 
 
 # -- every built-in term reaches the learner's gradient ------------------------------------------------

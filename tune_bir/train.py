@@ -66,10 +66,10 @@ def method_label(cfg: BIRConfig) -> str:
 
 
 def format_losses(metrics: dict[str, float], plugins: tuple[str, ...]) -> str:
-    """A task's mean losses in one line: the learner's own, then each plugin's (`loss/<name>`)."""
+    """A task's mean losses in one line: the learner's own, then each plugin's (`loss/<name>`, in `plugins` order)."""
     losses = {k.removeprefix("loss/"): v for k, v in metrics.items() if k.startswith("loss/")}
     main = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k not in plugins)
-    own = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k in plugins)
+    own = ", ".join(f"{k} {losses[k]:.4g}" for k in plugins if k in losses)   # in registration order
     return f"losses: {main}" + (f" | plugins: {own}" if own else "")
 
 
