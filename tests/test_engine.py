@@ -273,11 +273,12 @@ def test_brain_inspired_replay_beats_no_replay_on_real_digits():
 
     none, bir, bir_si = final(replay="none"), final(**BIR), final(**BIR, si=True, c=0.1)
     assert none < 0.25
-    # Final acc_avg at this budget, measured on a 2-core CPU (torch 2.14.1, fp32; one thread per run) for
-    # seeds 1-4: BI-R 0.816 0.811 0.823 0.820 (mean 0.8175, sd 0.0052); BI-R+SI (c 0.1) 0.816 0.815 0.822
-    # 0.816 (mean 0.8172, sd 0.0032). Bounds: mean +- max(4 sd, 0.03), i.e. the seed-to-seed spread with room
-    # for other CPUs' arithmetic; a broken replay, distillation or SI path lands far outside (no replay: ~0.2).
-    # Those seeds ran with the seed + offset streams; with the SeedSequence streams (issue #19) BI-R seed 1
-    # gives 0.828, inside its band. The other seven were not re-measured yet (the machine was at load 25-80).
-    assert 0.7875 <= bir <= 0.8475, bir
-    assert 0.7872 <= bir_si <= 0.8472, bir_si
+    # Final acc_avg at this budget under the SeedSequence streams (issue #19), measured 2026-12-03 on an AMD EPYC
+    # (Zen 5; torch 2.14.1, fp32, 1 thread) for seeds 1-4: BI-R 0.830 0.821 0.823 0.830 (mean 0.826, sd 0.0047);
+    # BI-R+SI (c 0.1) 0.829 0.824 0.830 0.824 (mean 0.8268, sd 0.0032). Seed 1 under the other instruction sets
+    # (ATEN_CPU_CAPABILITY avx2 / default with MKL and oneDNN capped to match): BI-R 0.827 / 0.829, BI-R+SI
+    # 0.830 / 0.833. Bounds: mean +- max(4 sd, 0.04): the seed-to-seed spread, with room for another CPU kind's
+    # arithmetic (one seed moved 2 points between an AMD and an Intel machine at 500 iterations, issue #18); a
+    # broken replay, distillation or SI path lands far outside (no replay: ~0.2).
+    assert 0.786 <= bir <= 0.866, bir
+    assert 0.7868 <= bir_si <= 0.8668, bir_si
