@@ -67,6 +67,18 @@ def test_config_file_is_read_and_flags_override_it(tmp_path):
     assert record["config"]["brain_inspired"] and record["config"]["dg_gates"]
 
 
+def test_records_written_with_the_retired_fields_still_load_and_the_flags_are_gone():
+    """plan.json and sweep.json of the results hold --tuning / --apply-mask (off); they never acted and are gone."""
+    from tune_bir.config import RETIRED_FIELDS, BIRConfig
+
+    for record in ("sequential/plan.json", "repulsion/sweep.json"):
+        stored = json.loads((ROOT / "docs" / "results" / record).read_text())["resolved_base_config"]
+        assert set(RETIRED_FIELDS) <= set(stored)
+        loaded = BIRConfig.from_dict(stored).to_dict()
+        assert all(loaded[k] == v for k, v in stored.items() if k not in RETIRED_FIELDS)
+    assert not set(RETIRED_FIELDS) & set(BIRConfig.field_names())   # so no flag: the command lines refuse them
+
+
 @pytest.mark.parametrize("args, message", [
     (["--iters=-5"], "--iters must be > 0"),
     (["--experiment=imagenet"], "invalid choice"),

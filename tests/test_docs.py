@@ -202,3 +202,11 @@ def test_constants_the_docs_quote_exist_with_the_quoted_values():
             if float(quoted.rstrip(".")) not in [v for v in values if isinstance(v, (int, float))]:
                 stale.append(f"docs/{doc}.md: `{name}` = {quoted}, the code has {values}")
     assert not stale, "\n".join(stale)
+
+
+def test_every_core_module_is_in_the_architecture_table():
+    """docs/architecture.md "Core package" names each module of tune_bir/ (a new or renamed one breaks this)."""
+    text = (ROOT / "docs" / "architecture.md").read_text().partition("## Core package")[2].partition("\n## ")[0]
+    missing = [p.name for p in sorted((ROOT / "tune_bir").glob("*.py"))
+               if p.name != "__init__.py" and f"`{p.name}`" not in text]
+    assert not missing, f"docs/architecture.md \"Core package\" lacks {missing}"

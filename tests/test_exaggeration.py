@@ -186,7 +186,7 @@ def test_recon_terms_are_finite_for_identical_reconstructions_and_zero_without_a
 
 
 # -- augmentation (docs/algorithm.md "Second views") ------------------------------------------------------------------
-def test_augmentation_uses_its_own_generator_and_leaves_the_global_rng_alone():
+def test_augmentation_uses_its_own_random_stream_and_leaves_the_global_rng_alone():
     x = torch.rand(16, 1, 28, 28)
     state = torch.get_rng_state()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -247,7 +247,7 @@ def test_contrastive_training_never_touches_the_global_rng(monkeypatch):
     first = torch.get_rng_state()
     e.train_task()
     assert calls == []
-    # dropout and augmentation draw from the plugin's generator: other engines in the process cannot
+    # dropout and augmentation draw from the plugin's random stream: other engines in the process cannot
     # change this one's results by using (or reseeding) the global stream
     assert torch.equal(first, torch.get_rng_state())
 
@@ -299,7 +299,7 @@ def test_every_flag_combination_runs_or_is_rejected_at_config_time():
 
 
 def test_terms_weighted_by_zero_leave_the_learner_bit_identical_to_the_baseline():
-    # the terms draw from their own generator: switching one on changes no batch, replay or noise the learner
+    # the terms draw from their own random stream: switching one on changes no batch, replay or noise the learner
     # sees, so a sweep's inert configs tie exactly with the baseline instead of differing by their RNG streams
     def weights(**flags):
         e = make_engine(**flags)

@@ -23,7 +23,7 @@ from tune_bir.config import BIRConfig
 from tune_bir.data import Protocol, Split
 from tune_bir.device import float32_matmul_precision
 from tune_bir.engine import Engine
-from tune_bir.generators import restore_generator
+from tune_bir.rng_state import restore_rng
 from tune_bir.safe_load import load_torch_file
 from tune_bir.scenario import BatchSampler
 
@@ -174,18 +174,18 @@ def test_the_matmul_precision_is_set_inside_the_block_only():
     assert torch.get_float32_matmul_precision() == before
 
 
-def test_a_generator_state_of_another_kind_reseeds_deterministically():
+def test_a_random_stream_state_of_another_kind_reseeds_deterministically():
     state = torch.Generator().manual_seed(5).get_state()
     g = torch.Generator()
-    assert restore_generator(g, state)
+    assert restore_rng(g, state)
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(5)))
-    philox_like = torch.arange(16, dtype=torch.uint8)     # a CUDA generator's state is 16 bytes
+    philox_like = torch.arange(16, dtype=torch.uint8)     # a CUDA stream's state is 16 bytes
     draws = []
     for _ in range(2):
-        assert not restore_generator(g, philox_like)
+        assert not restore_rng(g, philox_like)
         draws.append(torch.rand(4, generator=g))
     assert torch.equal(draws[0], draws[1])
-    assert not restore_generator(g, philox_like.flip(0))
+    assert not restore_rng(g, philox_like.flip(0))
     assert not torch.equal(torch.rand(4, generator=g), draws[0])
 
 

@@ -17,8 +17,8 @@ from torch import nn
 MINMAX_EPS = 1e-8  # constant maps must not divide by zero (difference "minmax-eps", docs/algorithm.md)
 
 
-def _bernoulli(n: int, p: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=device) < p
+def _bernoulli(n: int, p: float, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=rng, device=device) < p
 
 
 def _boxes(x0: torch.Tensor, y0: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -28,75 +28,75 @@ def _boxes(x0: torch.Tensor, y0: torch.Tensor, w: torch.Tensor, h: torch.Tensor)
                         torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], dim=1)
 
 
-def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def random_hflip(x: torch.Tensor, p: float, rng: torch.Generator) -> torch.Tensor:
     from kornia.geometry.transform import hflip
 
-    flip = _bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1)
+    flip = _bernoulli(len(x), p, rng, x.device).view(-1, 1, 1, 1)
     return torch.where(flip, hflip(x), x)
 
 
 def random_resized_crop(x: torch.Tensor, p: float, scale: tuple[float, float],
-                        generator: torch.Generator) -> torch.Tensor:
+                        rng: torch.Generator) -> torch.Tensor:
     """Per sample with probability p: crop a random area share in `scale` (aspect 3/4..4/3), resize back."""
     from kornia.geometry.transform import crop_and_resize
 
     n, _, H, W = x.shape
     dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator) * H * W
-    log_ratio = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=rng) * H * W
+    log_ratio = torch.empty(n, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3), generator=rng)
     ratio = torch.exp(log_ratio)
     w = torch.sqrt(area * ratio).round().clamp(1, W)
     h = torch.sqrt(area / ratio).round().clamp(1, H)
-    x0 = (torch.rand(n, generator=generator, device=dev) * (W - w + 1)).floor()
-    y0 = (torch.rand(n, generator=generator, device=dev) * (H - h + 1)).floor()
+    x0 = (torch.rand(n, generator=rng, device=dev) * (W - w + 1)).floor()
+    y0 = (torch.rand(n, generator=rng, device=dev) * (H - h + 1)).floor()
     cropped = crop_and_resize(x, _boxes(x0, y0, w, h), (H, W))
-    apply = _bernoulli(n, p, generator, dev).view(-1, 1, 1, 1)
+    apply = _bernoulli(n, p, rng, dev).view(-1, 1, 1, 1)
     return torch.where(apply, cropped, x)
 
 
-def random_channel_shuffle(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def random_channel_shuffle(x: torch.Tensor, p: float, rng: torch.Generator) -> torch.Tensor:
     n, c = x.shape[:2]
-    perm = torch.rand(n, c, generator=generator, device=x.device).argsort(dim=1)
+    perm = torch.rand(n, c, generator=rng, device=x.device).argsort(dim=1)
     shuffled = x.gather(1, perm.view(n, c, 1, 1).expand_as(x))
-    return torch.where(_bernoulli(n, p, generator, x.device).view(-1, 1, 1, 1), shuffled, x)
+    return torch.where(_bernoulli(n, p, rng, x.device).view(-1, 1, 1, 1), shuffled, x)
 
 
-def random_crop_batch(x: torch.Tensor, size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+def random_crop_batch(x: torch.Tensor, size: int, p: float, rng: torch.Generator) -> torch.Tensor:
     """With probability p decided once for the batch: a random size x size crop of every sample."""
     from kornia.geometry.transform import crop_and_resize
 
-    if not bool(_bernoulli(1, p, generator, x.device).cpu()):  # one draw per batch; batch shape depends on it
+    if not bool(_bernoulli(1, p, rng, x.device).cpu()):  # one draw per batch; batch shape depends on it
         return x
     n, _, H, W = x.shape
-    x0 = torch.randint(0, W - size + 1, (n,), generator=generator, device=x.device).float()
-    y0 = torch.randint(0, H - size + 1, (n,), generator=generator, device=x.device).float()
+    x0 = torch.randint(0, W - size + 1, (n,), generator=rng, device=x.device).float()
+    y0 = torch.randint(0, H - size + 1, (n,), generator=rng, device=x.device).float()
     side = torch.full((n,), float(size), device=x.device)
     return crop_and_resize(x, _boxes(x0, y0, side, side), (size, size))
 
 
-def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def random_grayscale(x: torch.Tensor, p: float, rng: torch.Generator) -> torch.Tensor:
     from kornia.color import rgb_to_grayscale
 
     gray = rgb_to_grayscale(x).expand_as(x)
-    return torch.where(_bernoulli(len(x), p, generator, x.device).view(-1, 1, 1, 1), gray, x)
+    return torch.where(_bernoulli(len(x), p, rng, x.device).view(-1, 1, 1, 1), gray, x)
 
 
-def augment_mnist(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_mnist(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """MNIST second view: horizontal flip (p 0.5), random resized crop to 28x28 (scale 0.75-1, p 0.5)."""
-    return random_resized_crop(random_hflip(x, 0.5, generator), 0.5, (0.75, 1.0), generator)
+    return random_resized_crop(random_hflip(x, 0.5, rng), 0.5, (0.75, 1.0), rng)
 
 
-def augment_cifar(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_cifar(u: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """CIFAR second view: per-sample min-max to [0, 1], kornia ops, back to the original range
     (docs/algorithm.md "Second views")."""
     flat = u.flatten(1)
     lo = flat.min(1).values.view(-1, 1, 1, 1)
     hi = flat.max(1).values.view(-1, 1, 1, 1)
     x = (u - lo) / (hi - lo + MINMAX_EPS)
-    x = random_hflip(x, 0.5, generator)
-    x = random_channel_shuffle(x, 0.75, generator)
-    x = random_crop_batch(x, 24, 0.5, generator)
-    x = random_grayscale(x, 0.25, generator)
+    x = random_hflip(x, 0.5, rng)
+    x = random_channel_shuffle(x, 0.75, rng)
+    x = random_crop_batch(x, 24, 0.5, rng)
+    x = random_grayscale(x, 0.25, rng)
     return x * (hi - lo + MINMAX_EPS) + lo
 
 

@@ -74,16 +74,19 @@ EXPERIMENTS = tuple(name for name, spec in PROTOCOLS.items() if spec.continual) 
 # exaggeration term, the contrastive plugin) never moves the draws of another (the learner's). The global torch
 # seed (weight initialisation) stays --seed itself, as in the original code.
 SEED_STREAMS: dict[str, int] = {
-    "learner": 0,            # the engine's generator (batches, replayed classes, replay and reparameterisation noise)
+    "learner": 0,            # the engine's stream (batches, replayed classes, replay and reparameterisation noise)
     "init": 1,               # gate masks and GMM prior (CPU)
     "contrastive": 2,        # second views and projection-head dropout of the contrastive plugin
     "contrastive_init": 3,   # initial projection head (and random auxiliary decoder)
     "exaggeration": 4,       # class representatives of the replay-batch state
 }
 # Fields that say where the results of one run go (a sweep does not take them per trial).
-RUN_OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name", "tuning")
+RUN_OUTPUT_FIELDS = ("pdf", "visdom", "mlflow", "results_dir", "run_name")
 # Fields that change where results go or how training is cut into segments, never what is computed.
-OUTPUT_FIELDS = (*RUN_OUTPUT_FIELDS, "apply_mask", "segment_iters")
+OUTPUT_FIELDS = (*RUN_OUTPUT_FIELDS, "segment_iters")
+# Fields that older records (sweep.json, plan.json, JSON configs) hold but that never acted (the original fork's
+# --apply_mask and --tuning): read back when off and dropped, refused when on.
+RETIRED_FIELDS = ("apply_mask", "tuning")
 # SI strength when --c is omitted: the SI-alone values of the reference, by (protocol family, scenario).
 SI_C_DEFAULTS = {("MNIST", "task"): 10.0, ("MNIST", "class"): 0.1, ("MNIST", "domain"): 0.1,
                  ("CIFAR", "task"): 100.0, ("CIFAR", "class"): 1.0, ("CIFAR", "domain"): 1.0}
@@ -161,8 +164,6 @@ class BIRConfig:
     n_rep: int = _opt(1, "competing neighbours per replayed sample (clamped per task)")
     rep_target: str = _opt("prior", "what a replayed memory is pushed away from", choices=REP_TARGETS)
     d_min: float = _opt(1e-3, "floor on divergences and distances inside inverse terms")
-    apply_mask: bool = _opt(False, "accepted for compatibility; has no effect")
-    tuning: bool = _opt(False, "accepted for compatibility; results go to the JSON record / MLflow")
     # -- exaggeration: reconstruction repulsion / attraction
     # (docs/algorithm.md "Reconstruction repulsion and attraction")
     recon_repulsion: bool = _opt(False, "reconstruction-based repulsion")
@@ -199,6 +200,10 @@ class BIRConfig:
     def from_dict(cls, values: dict[str, Any]) -> BIRConfig:
         """Build from a flat dict; unknown keys are a ConfigError naming them."""
         known = set(cls.field_names())
+        for name in sorted(set(RETIRED_FIELDS) & set(values)):
+            if values[name]:
+                raise ConfigError(f"config field {name} is retired (it never had an effect): drop it")
+        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
@@ -246,7 +251,7 @@ class BIRConfig:
 
     def stream_seed(self, stream: str) -> int:
         """Seed of one of the run's random streams (`SEED_STREAMS`), a 32-bit word of SeedSequence(seed)'s child."""
-        # 32 bits: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so a 64-bit one would
+        # 32 bits: torch's CPU torch.Generator (mt19937) keeps only the low 32 bits of a seed, so a 64-bit one would
         # collide where its low halves do, and differ between CPU and CUDA (Philox keeps all 64)
         child = np.random.SeedSequence(self.seed, spawn_key=(SEED_STREAMS[stream],))
         return int(child.generate_state(1, np.uint32)[0])
@@ -455,8 +460,3 @@ def validate_values(cfg: BIRConfig) -> None:
     from tune_bir.terms import check_config
 
     check_config(cfg)
-
-
-def config_from_mapping(values: dict[str, Any]) -> BIRConfig:
-    """Build and resolve a config from a flat mapping (JSON file, Tune config); raises ConfigError."""
-    return BIRConfig.from_dict(values).resolved()

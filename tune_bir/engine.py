@@ -22,13 +22,13 @@ from tune_bir.data import Protocol, load_protocol
 from tune_bir.device import check_precision, compiled, resolve_device, tf32_matmuls
 from tune_bir.errors import ConfigError
 from tune_bir.evaluation import SplitScores, accuracy_metrics
-from tune_bir.generators import restore_generator
 from tune_bir.hidden import HiddenData, prepare_hidden_data
 from tune_bir.model import BIRModel, ModelSpec
 from tune_bir.nets import ConvLayers, adam, load_conv_layers
 from tune_bir.optimiser_step import OptimiserStep
 from tune_bir.plugin import Plugin, PluginContext, TaskInfo
 from tune_bir.replay import Learner, model_has_decoder, replay_class, vae_forward
+from tune_bir.rng_state import restore_rng
 from tune_bir.scenario import BatchSampler, Scenario
 from tune_bir.terms import build_plugins
 
@@ -276,10 +276,10 @@ class Engine:
             self.sampler = BatchSampler(len(train.y), self.cfg.batch, self.rng, self.device)
             self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
-        # generator states are CPU byte tensors (map_location may have moved them); a GPU's cannot continue a CPU
-        # generator or the reverse: those streams are reseeded (docs/architecture.md "GPU")
-        restore_generator(self.rng, rng["engine"])
-        restore_generator(self.exaggeration_rng, rng["exaggeration"])
+        # random-stream states are CPU byte tensors (map_location may have moved them); a GPU's cannot continue a CPU
+        # stream or the reverse: those streams are reseeded (docs/architecture.md "GPU")
+        restore_rng(self.rng, rng["engine"])
+        restore_rng(self.exaggeration_rng, rng["exaggeration"])
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -291,7 +291,7 @@ class Engine:
         that act on replay (`BIRConfig.first_task_fields`): the same learner this one would have become.
 
         This engine keeps what task 1 never touched and the other engine may lack: the state of its replay-acting
-        plugins (e.g. the contrastive plugin's head, optimiser and generators).
+        plugins (e.g. the contrastive plugin's head, optimiser and random stream).
         """
         if (self.task, self.iter_in_task) != (0, 0):
             raise ValueError("adopt_first_task needs an engine that has not trained yet")

@@ -19,9 +19,9 @@ from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_integer, check_positive
-from tune_bir.generators import restore_generator
 from tune_bir.nets import adam, linear
 from tune_bir.plugin import ExaggerationTerm, LearnerStep, PluginContext, register
+from tune_bir.rng_state import restore_rng
 
 if TYPE_CHECKING:
     from tune_bir.config import BIRConfig
@@ -215,7 +215,7 @@ class ContrastiveReplay(ExaggerationTerm):
     def __init__(self, cfg: BIRConfig, model: BIRModel, conv, device: torch.device, train: bool):
         self.cfg, self.model, self.conv, self.train = cfg, model, conv, train
         self.weight = cfg.lamda_contr
-        self.generator = torch.Generator(device=device).manual_seed(cfg.stream_seed("contrastive"))
+        self.rng = torch.Generator(device=device).manual_seed(cfg.stream_seed("contrastive"))
         init = torch.Generator().manual_seed(cfg.stream_seed("contrastive_init"))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=init)))
@@ -268,17 +268,17 @@ class ContrastiveReplay(ExaggerationTerm):
     def second_view(self, h: torch.Tensor) -> torch.Tensor:
         """v2: CIFAR conv(augment(D_aux(h))) with the frozen conv in eval mode; MNIST augment(h)."""
         if self.conv is None:
-            return augment_mnist(h, self.generator)
-        return self.conv(augment_cifar(self.aux_decoder(h), self.generator))
+            return augment_mnist(h, self.rng)
+        return self.conv(augment_cifar(self.aux_decoder(h), self.rng))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout (p = c_drop; only called in training: difference "dropout-train-only",
-        docs/algorithm.md) drawing from the plugin's own generator:
+        docs/algorithm.md) drawing from the plugin's own random stream:
         the engine's results never depend on the process-wide torch RNG."""
         keep = 1.0 - self.cfg.c_drop
         if keep == 1.0:
             return x
-        mask = torch.rand(x.shape, generator=self.generator, device=x.device) < keep
+        mask = torch.rand(x.shape, generator=self.rng, device=x.device) < keep
         return x * mask / keep
 
     def loss(self, e_views: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -296,13 +296,13 @@ class ContrastiveReplay(ExaggerationTerm):
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
+                "rng": self.rng.get_state(),
                 "aux_decoder": None if self.aux_decoder is None else self.aux_decoder.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
-        restore_generator(self.generator, state["generator"])
+        restore_rng(self.rng, state["rng"])
         if self.aux_decoder is not None:
             self.aux_decoder.load_state_dict(state["aux_decoder"])
 

@@ -45,7 +45,7 @@ class ModelSpec:
 class BIRModel(nn.Module):
     """Encoder, classifier, VAE latent with standard or per-class GMM prior, gated decoder."""
 
-    def __init__(self, spec: ModelSpec, generator: torch.Generator):
+    def __init__(self, spec: ModelSpec, rng: torch.Generator):
         super().__init__()
         self.spec = spec
         sizes = spec.hidden_sizes
@@ -57,17 +57,17 @@ class BIRModel(nn.Module):
             self.toZ_logvar = linear(h_dim, spec.z_dim, bias=False)
             down = list(reversed(sizes))  # [F, ..., F, in]
             if spec.dg_prop > 0:
-                self.fromZ = GatedLinear(spec.z_dim, down[0], spec.n_classes, spec.dg_prop, generator)
+                self.fromZ = GatedLinear(spec.z_dim, down[0], spec.n_classes, spec.dg_prop, rng)
                 self.fcD_hidden = nn.ModuleList(
-                    GatedLinear(a, b, spec.n_classes, spec.dg_prop, generator)
+                    GatedLinear(a, b, spec.n_classes, spec.dg_prop, rng)
                     for a, b in zip(down[:-2], down[1:-1], strict=True))
             else:
                 self.fromZ = linear(spec.z_dim, down[0])
                 self.fcD_hidden = nn.ModuleList(linear(a, b) for a, b in zip(down[:-2], down[1:-1], strict=True))
             self.fcD_out = linear(down[-2], down[-1])
             if spec.gmm_prior:
-                self.z_class_means = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=generator))
-                self.z_class_logvars = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=generator))
+                self.z_class_means = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=rng))
+                self.z_class_logvars = nn.Parameter(torch.randn(spec.n_classes, spec.z_dim, generator=rng))
 
     @property
     def gated(self) -> bool:
@@ -97,9 +97,9 @@ class BIRModel(nn.Module):
         function of its inputs (torch.compile takes it whole)."""
         return mu + torch.exp(0.5 * logvar) * eps
 
-    def latent_noise(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def latent_noise(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         """The [n, z_dim] noise of a pass of n samples: fp32, as `posterior` is, also under bf16 autocast."""
-        return torch.randn((n, self.spec.z_dim), generator=generator, device=device, dtype=torch.float32)
+        return torch.randn((n, self.spec.z_dim), generator=rng, device=device, dtype=torch.float32)
 
     # -- decoder
     def decode(self, z: torch.Tensor, gate_input: torch.Tensor | None) -> torch.Tensor:
@@ -124,15 +124,15 @@ class BIRModel(nn.Module):
 
     # -- sampling (reads the prior parameters directly; never changes train/eval mode,
     # difference "sampling-keeps-mode", docs/algorithm.md)
-    def sample_latent(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample_latent(self, classes: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """z from the prior: the GMM mode of each class, or N(0, I) for the standard prior."""
         n = classes.shape[0]
-        eps = torch.randn(n, self.spec.z_dim, generator=generator, device=classes.device)
+        eps = torch.randn(n, self.spec.z_dim, generator=rng, device=classes.device)
         if not self.spec.gmm_prior:
             return eps
         return self.z_class_means[classes] + torch.exp(0.5 * self.z_class_logvars[classes]) * eps
 
-    def generate(self, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def generate(self, classes: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """Decoded samples of the given classes (gates = one-hot class)."""
         gate = nn.functional.one_hot(classes, self.spec.n_classes).float() if self.gated else None
-        return self.decode(self.sample_latent(classes, generator), gate)
+        return self.decode(self.sample_latent(classes, rng), gate)

@@ -46,10 +46,10 @@ class GatedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, n_classes: int, gate_prop: float,
-                 generator: torch.Generator):
+                 rng: torch.Generator):
         super().__init__()
         self.linear = linear(in_features, out_features)
-        keep = torch.rand(n_classes, out_features, generator=generator) >= gate_prop
+        keep = torch.rand(n_classes, out_features, generator=rng) >= gate_prop
         self.register_buffer("mask", keep.float())
 
     def forward(self, x: torch.Tensor, gate_input: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ class TaskInfo:
 
 
 class LearnerStep(Protocol):
-    """The learner's main optimiser step as a plugin that owns the step sees it (`tune_bir.engine.OptimiserStep`).
+    """The learner's main optimiser step as a plugin that owns the step sees it (`optimiser_step.OptimiserStep`).
 
     An owner puts the main objective's gradient into the `.grad` of `params`, then calls `after_backward`,
     `step` and `after_step` once each, in this order.

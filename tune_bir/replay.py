@@ -180,7 +180,7 @@ class NoReplay:
 
     def _vae_pass(self, model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, n_active: int) -> VAEPass:
         """One pass through encoder, latent and decoder, with per-sample reconstruction / variational terms."""
-        # the reparameterisation noise, drawn before the pass: nothing else draws from the learner's generator in
+        # the reparameterisation noise, drawn before the pass: nothing else draws from the learner's random stream in
         # between, so the numbers are those of drawing it where the latent is formed
         eps = model.latent_noise(len(h), self.learner.rng, h.device)
         return VAEPass(*self.learner.vae_forward(model, h, class_weights, eps, n_active, self.learner.image_pixels,

@@ -27,7 +27,7 @@ class ReplayState:
 
     @classmethod
     def build(cls, scores: torch.Tensor, n_rep: int, rep_f: float | None,
-              generator: torch.Generator) -> ReplayState:
+              rng: torch.Generator) -> ReplayState:
         n, k = scores.shape
         top = scores.topk(min(n_rep + 1, k), dim=1).indices
         own, competitors = top[:, 0], top[:, 1:]
@@ -38,7 +38,7 @@ class ReplayState:
             gate = p.gather(1, own[:, None]) < rep_f * p.gather(1, competitors)
         membership = F.one_hot(own, k).T.float()
         present = membership.sum(1) > 0
-        keys = torch.rand(n, generator=generator, device=scores.device)
+        keys = torch.rand(n, generator=rng, device=scores.device)
         representative = torch.where(membership > 0, keys, torch.full_like(membership, -1.0)).argmax(1)
         return cls(own, competitors, gate, present, representative, membership)
 

@@ -31,14 +31,14 @@ class Scenario:
 class BatchSampler:
     """Shuffled passes over one task's training data, batch B, drop_last; counted in iterations."""
 
-    def __init__(self, n: int, batch: int, generator: torch.Generator, device: torch.device):
-        self.n, self.batch, self.generator, self.device = n, batch, generator, device
+    def __init__(self, n: int, batch: int, rng: torch.Generator, device: torch.device):
+        self.n, self.batch, self.rng, self.device = n, batch, rng, device
         self.perm = torch.empty(0, dtype=torch.long, device=device)
         self.cursor = 0
 
     def next_indices(self) -> torch.Tensor:
         if self.cursor + self.batch > len(self.perm):
-            self.perm = torch.randperm(self.n, generator=self.generator, device=self.device)
+            self.perm = torch.randperm(self.n, generator=self.rng, device=self.device)
             self.cursor = 0
         idx = self.perm[self.cursor:self.cursor + self.batch]
         self.cursor += self.batch

@@ -155,9 +155,9 @@ def _run(cfg: BIRConfig, results_dir: Path, n_threads: int) -> int:
     print(f"acc_avg {final['acc_avg']:.4f}   forgetting_avg {final['forgetting_avg']:.4f}   bwt {final['bwt']:.4f}")
     print(f"record: {record_path}")
     if cfg.pdf:
-        from tune_bir.report import write_run_report
+        from tune_bir.run_pdf import write_run_pdf
 
-        pdf_path = write_run_report(engine, record, results_dir / f"{run_name}.pdf")
+        pdf_path = write_run_pdf(engine, record, results_dir / f"{run_name}.pdf")
         print(f"report: {pdf_path}")
     if live:
         live.finish(record_path)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from tune_bir.engine import Engine
 
 
-def write_run_report(engine: Engine, record: dict[str, Any], path: Path) -> Path:
-    """Write the report; returns its path."""
+def write_run_pdf(engine: Engine, record: dict[str, Any], path: Path) -> Path:
+    """Write the PDF; returns its path."""
     acc = record["acc_matrix"]
     n = len(acc)
     with PdfPages(path) as pdf:
