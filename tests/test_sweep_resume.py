@@ -43,6 +43,21 @@ def checkpointed_iterations(sweep_dir: Path) -> dict[str, int]:
     return out
 
 
+def registered_checkpoints(sweep_dir: Path) -> dict[str, int]:
+    """Tune trial id -> the training iteration of the newest checkpoint Tune had registered (0: none).
+
+    Tune writes a checkpoint folder before it records it in the experiment state: a Ctrl+C between the two
+    leaves a folder on disk that a resume does not know, and the trial goes on from the one before."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dir))
+    out = {}
+    for trial in analysis.trials:
+        checkpoint = analysis.get_last_checkpoint(trial)
+        out[trial.trial_id] = int(Path(checkpoint.path).name.rsplit("_", 1)[1]) + 1 if checkpoint else 0
+    return out
+
+
 def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(tmp_path):
     env = {**ray_subprocess_env(), "TUNE_BIR_CACHE_DIR": str(tmp_path / "cache")}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -66,7 +81,10 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
     assert "--resume --name r" in output
 
     before = results(sweep_dir)
-    checkpointed = checkpointed_iterations(sweep_dir)
+    on_disk, checkpointed = checkpointed_iterations(sweep_dir), registered_checkpoints(sweep_dir)
+    for trial_id, iteration in checkpointed.items():      # the newest folder, or the one before it (see above)
+        assert iteration <= on_disk.get(trial_id, 0) and (iteration or not on_disk.get(trial_id)
+                                                          or on_disk[trial_id] == 1), (on_disk, checkpointed)
     finished_before = {tid: len(lines) for tid, lines in before.items() if lines[-1].get("done")}
     assert finished_before and len(finished_before) < 4
 
@@ -85,8 +103,8 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
         old, new = before.get(trial_id, []), lines[len(before.get(trial_id, [])):]
         iterations = [r["training_iteration"] for r in new]
         if new and checkpointed.get(trial_id, 0) > 0:
-            # a trial that was half-way goes on from its newest checkpoint, not from scratch (a step whose
-            # result was written but whose checkpoint was not when Ctrl+C came is trained again)
+            # a trial that was half-way goes on from its newest registered checkpoint, not from scratch (a
+            # step whose result was written but whose checkpoint was not when Ctrl+C came is trained again)
             assert iterations[0] == checkpointed[trial_id] + 1, (trial_id, checkpointed, old, iterations)
             resumed.append(trial_id)
         if new:
