@@ -31,6 +31,7 @@ import pandas as pd
 
 from analysis import stats
 from analysis.table import ALL_STATUSES, FINAL_METRICS, UNFINISHED, is_log, n_tasks, param_specs
+from tune_bir.record import FINGERPRINT_FIELDS
 from tune_bir.sweep.status import COMPLETED, DIVERGED, ERRORED, SELECTION_METRIC, STOPPED_EARLY, rank_trials
 from tune_bir.sweep.storage import CONFIRM_FILE, RESULTS_FILE
 
@@ -540,6 +541,39 @@ def _verdict_line(row: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             + (f" ({row['note']})" if row.get("note") else ""))
 
 
+def machines_note(results: pd.DataFrame) -> str | None:
+    """What the CPUs of a confirmation's runs mean for its pairing: None when every run recorded the same CPU
+    kind and thread count; a paragraph when they differ, or when no run recorded one (an older results.csv)."""
+    fields = [f for f in FINGERPRINT_FIELDS if f in results.columns]
+    if not fields:
+        return ("the runs record no CPU (a results.csv from before tune_bir recorded one): whether they all came "
+                "from one kind of CPU and thread count is unknown; their per-seed numbers reproduce bit for bit "
+                "only on the kind that made them (docs/results.md \"Which numbers reproduce where\").")
+    kinds = results[fields].astype(str).agg(" / ".join, axis=1)
+    if kinds.nunique() <= 1:
+        return None
+    label = {kind: chr(ord("A") + i) for i, kind in enumerate(kinds.value_counts().index)}
+    legend = "; ".join(f"{label[kind]} = {kind} ({n} runs)" for kind, n in kinds.value_counts().items())
+    spans = pd.DataFrame({"seed": results["seed"], "kind": kinds}).groupby("seed")["kind"].nunique()
+    mix = pd.crosstab(results["config"], kinds.map(label))
+    per_config = "; ".join(f"{config}: " + " + ".join(f"{n} {k}" for k, n in row.items() if n)
+                           for config, row in mix.iterrows())
+    # the same share of each kind in every config (configs of a sequential confirmation stop at different looks)
+    balanced = bool((mix.div(mix.sum(axis=1), axis=0).round(12).nunique(axis=0) == 1).all())
+    return (f"the runs came from {len(label)} kinds of CPU or thread count ({' / '.join(fields)}: {legend}). "
+            f"Per config: {per_config}. "
+            + (f"In {int((spans > 1).sum())} of {len(spans)} seeds the runs of that seed span kinds: such a pair "
+               "shares its seed (data order, replay draws, initial weights) but not its rounding, which over "
+               "thousands of steps moves a run's accuracy like a change of seed (docs/results.md \"Which numbers "
+               "reproduce where\"), so pairing removes less of the seed-to-seed spread and the test loses power. "
+               if (spans > 1).any() else "Every seed's runs computed on one kind, so each pair is like for like. ")
+            + ("Every config ran the same mix of kinds, so the CPU adds noise, not bias." if balanced else
+               "The configs did not run the same mix of kinds: a paired difference then also holds the "
+               "difference between the CPUs, a bias no number of seeds removes.")
+            + " Bit-reproducible pairs need one kind of node for the whole confirmation (docs/results.md "
+            "\"Which numbers reproduce where\").")
+
+
 def _confirmation_section(confirmation: Confirmation, table: pd.DataFrame, plot: bool) -> list[str]:
     spec = confirmation.spec
     shown = table[["config", "n_seeds", "acc_avg_mean", "acc_avg_ci_low", "acc_avg_ci_high", "forgetting_mean",
@@ -556,6 +590,8 @@ def _confirmation_section(confirmation: Confirmation, table: pd.DataFrame, plot:
               "configs; `effect_size` is Cohen's d_z = mean(diff) / sd(diff). A config that was the sweep's best "
               "but shows no significant difference here was most likely lucky in the sweep. 'No significant "
               "difference' is not evidence of no effect: with few seeds only large effects can be detected."]
+    if (note := machines_note(confirmation.results)) is not None:
+        lines += ["", f"CPUs: {note}"]
     if plot:
         lines += ["", f"![test acc_avg after each task, 95 % bands]({CONFIRM_PLOT})"]
     return lines

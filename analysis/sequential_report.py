@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.report import machines_note
 from analysis.sequential import (
     BETTER,
     BETTER_SMALL,
@@ -39,11 +40,13 @@ from analysis.sequential import (
     paired_differences,
 )
 from tune_bir.errors import ConfigError
+from tune_bir.record import FINGERPRINT_FIELDS
 
 PLAN_FILE, STATE_FILE, LOOKS_FILE, RESULTS_FILE, LEDGER_FILE = (
     "plan.json", "state.json", "looks.json", "results.csv", "seed_ledger.json")
 TABLE_FILE, REPORT_FILE = "sequential.csv", "report.md"
-CPU_FIELDS = ("cpu_model", "cpu_isa_torch", "cpu_isa_mkl", "mkl_cbwr", "cpu_isa_onednn", "threads")
+
+
 def naive_mean_bias(verdict: str, stopped_early: bool) -> str:
     """Which way a config's naive mean is pulled by the look it stopped at ("" when it did not stop early)."""
     if not stopped_early or verdict in (GO_ON, UNDECIDED):
@@ -227,7 +230,7 @@ def _class_orders(conf: SequentialConfirmation, config: str, seeds: list[int]) -
 
 def _cpu_note(conf: SequentialConfirmation, config: str, seeds: list[int]) -> str:
     """Whether any pair (config and baseline on one seed) ran on different CPU kinds or thread counts."""
-    fields = [f for f in CPU_FIELDS if f in conf.results.columns]
+    fields = [f for f in FINGERPRINT_FIELDS if f in conf.results.columns]
     if not fields:
         return "not recorded (no cpu_* / threads columns)"
     table = conf.results.set_index(["config", "seed"])
@@ -332,6 +335,8 @@ def write_sequential_report(conf: SequentialConfirmation, out: str) -> tuple[pd.
             f"[{_fmt(r['rci_low'])}, {_fmt(r['rci_high'])}] at {r['rci_level']:.4g} | "
             f"[{_fmt(r['tost_low'])}, {_fmt(r['tost_high'])}] at {r['tost_level']:.4g} | "
             f"{_fmt(r['mean_diff_naive'])} | {r['class_orders']} | {r['cpu']} |")
+    if len(conf.results) and (note := machines_note(conf.results)) is not None:
+        lines += ["", f"CPUs: {note}"]
     lines += ["", "What the verdicts mean:", ""]
     lines += [f"- *{name}*: {text}." for name, text in MEANING.items() if name in set(table["verdict"])]
     lines += [

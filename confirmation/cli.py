@@ -30,6 +30,7 @@ from confirmation.plan import (
     read_config_file,
     sha256_text,
 )
+from search_spaces import EXAGGERATION_OFF
 from tune_bir.config import BIRConfig
 from tune_bir.errors import ConfigError
 from tune_bir.fields import flag_name
@@ -45,6 +46,7 @@ from tune_bir.sweep.plan import (
     given_options,
 )
 from tune_bir.sweep.storage import SWEEP_FILE, SweepFolder
+from tune_bir.sweep.summary import run_alone_lines, typed_values
 
 # Options of a new confirmation, besides the base config's flags (those only for one that is not a sweep's)
 NEW_OPTIONS = {"confirm", "top_k", "seeds", "configs", "config_file", "label", "first_seed", "reuse_seeds",
@@ -367,6 +369,12 @@ def print_outcome(plan: ConfirmationPlan, where: Where, outcome: LooksOutcome, s
         else:
             print(f"  {c.label:<14} look {v['look']} ({v['n']} seeds): {v['verdict']}, mean difference "
                   f"{v['estimate']:+.4f}, repeated CI [{v['rci_low']:+.4f}, {v['rci_high']:+.4f}]")
+    configs = {label: typed_values(plan.base_config, {**EXAGGERATION_OFF, **values})
+               for label, values in [(BASELINE, {}), *((c.label, c.values) for c in plan.configs)]}
+    print(f"run one alone (any seed of {plan.seeds[0]}..{plan.seeds[-1]} for --seed; on the same kind of CPU and "
+          "threads, that run's numbers bit for bit):")
+    for line in run_alone_lines(configs, outcome.rows, plan.seeds[0], plan.resources.get("cpus_per_trial", 1)):
+        print(f"  {line}")
     print(f"folder: {where.folder} (plan.json, looks.json, results.csv)")
     if outcome.state != DONE:
         print(f"continue it with: {resume_command(where)}")

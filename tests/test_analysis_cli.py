@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from analysis import load_sweep
 from analysis.report import write_report
 from analysis.stats import COLUMNS
+from tune_bir.record import FINGERPRINT_FIELDS
 
 TASKS, ITERS = 3, 10
 SPACE = {"name": "fake", "description": "a hand-made space", "fixed": {"repulsion": True}, "params": {
@@ -152,7 +154,7 @@ def test_no_completed_trial_writes_the_table_and_says_so(tmp_path):
     assert "No trial trained every task" in text and "needs >= 2 completed trials" in text
 
 
-def _confirmation(folder: Path, effect: float) -> None:
+def _confirmation(folder: Path, effect: float, cpu_of: Callable[[str, int], str] | None = None) -> None:
     rng = np.random.default_rng(0)
     confirm = folder / "confirm"
     confirm.mkdir()
@@ -171,6 +173,10 @@ def _confirmation(folder: Path, effect: float) -> None:
                          "forgetting_avg": 0.3, "bwt": -0.3, "val_acc_avg": acc, "acc_task_1": acc,
                          **{f"acc_avg_after_task_{t}": acc + (TASKS - t) * 0.2 for t in range(1, TASKS + 1)},
                          "time_total_s": 1.0})
+            if cpu_of is not None:   # what a confirmation records per run (tune_bir.record.cpu_fingerprint)
+                rows[-1] |= {"cpu_model": cpu_of(c, seed), "cpu_isa_torch": "AVX512", "cpu_isa_mkl": "x",
+                             "mkl_cbwr": "OFF", "cpu_isa_onednn": "y", "threads": 1, "torch_version": "2",
+                             "mkl_version": "2024.2", "onednn_version": "3"}
     pd.DataFrame(rows).to_csv(confirm / "results.csv", index=False)
 
 
@@ -188,6 +194,33 @@ def test_confirmation_statistics_verdicts_and_plot(tmp_path):
     assert "## Confirmation on fresh seeds" in text
     assert "**top1** (trial t1, sweep val_acc_avg 0.4500): **better**" in text
     assert "top1: better" in done.stdout
+
+
+def test_the_report_says_when_a_confirmations_runs_came_from_several_kinds_of_cpu(tmp_path):
+    folder = make_sweep(tmp_path)
+    _confirmation(folder, effect=0.05, cpu_of=lambda config, seed: "Intel Xeon" if config == "top2" else "AMD EPYC")
+    done = run_analysis(str(folder), "--no-mlflow", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "CPUs: the runs came from 2 kinds of CPU or thread count" in text
+    assert "baseline: 5 A; top1: 5 A; top2: 5 B" in text and "In 5 of 5 seeds the runs of that seed span kinds" in text
+    assert "a bias no number of seeds removes" in text
+
+
+def test_the_cpu_note_tells_noise_from_bias_and_is_silent_for_one_kind():
+    from analysis.report import machines_note
+
+    rows = [{"config": c, "seed": s, "cpu_model": "AMD", "threads": 1} for c in ("baseline", "top1") for s in (1, 2)]
+    fields = {k: "x" for k in FINGERPRINT_FIELDS if k not in ("cpu_model", "threads")}
+    table = pd.DataFrame([r | fields for r in rows])
+    assert machines_note(table) is None
+    assert "record no CPU" in machines_note(table[["config", "seed"]])
+    table.loc[table["seed"] == 2, "cpu_model"] = "Intel"     # each seed on one kind, every config the same mix
+    note = machines_note(table)
+    assert "Every seed's runs computed on one kind" in note and "adds noise, not bias" in note
+    table.loc[(table["seed"] == 1) & (table["config"] == "top1"), "threads"] = 2
+    note = machines_note(table)
+    assert "3 kinds" in note and "In 1 of 2 seeds" in note and "a bias no number of seeds removes" in note
 
 
 def test_an_unfinished_confirmation_is_a_note(tmp_path):

@@ -53,6 +53,8 @@ def test_report_says_when_a_pair_ran_on_another_cpu_or_thread_count(tmp_path):
     main([str(folder), "--no-mlflow"])
     cpu = pd.read_csv(folder / "report" / "sequential.csv").set_index("config")["cpu"]
     assert cpu["rep"] == "pairs differ in cpu_model (1 seed(s)), threads (1 seed(s))"
+    report = (folder / "report" / "report.md").read_text()
+    assert "CPUs: the runs came from 3 kinds" in report and "In 2 of " in report   # analysis.report.machines_note
 
 
 def test_old_folders_without_cpu_columns_are_reported_as_not_recorded(tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import shlex
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,10 +17,12 @@ from mlflow.tracking import MlflowClient
 from tests import sweep_helpers
 from trainables.bir import SCHEDULER_METRIC
 from tune_bir.errors import ConfigError
+from tune_bir.record import FINGERPRINT_FIELDS
 from tune_bir.sweep.confirm import fresh_seeds, load_sweep_plan
 from tune_bir.sweep.driver import main, run_sweep
 from tune_bir.sweep.plan import SweepOptions, SweepPlan, build_parser, plan_from_args, startup_trials
 from tune_bir.sweep.run import baseline_keeping_asha
+from tune_bir.sweep.summary import print_summary
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
 
@@ -87,13 +92,14 @@ def confirmed(ray_session, tmp_path_factory):
     store, uri = tmp / "rr", f"sqlite:///{tmp / 'mlflow.db'}"
     sweep = run_sweep([*TINY, "--num-samples", "4", "--grace-period", "5", "--name", "s", "--storage-path",
                        str(store), "--mlflow-uri", uri])
-    code = main(["--confirm", str(store / "s"), "--top-k", "2", "--seeds", "2"])
-    return sweep, code, store / "s"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main(["--confirm", str(store / "s"), "--top-k", "2", "--seeds", "2"])
+    return sweep, code, store / "s", printed.getvalue()
 
 
 @pytest.mark.slow
 def test_confirmation_reruns_the_top_configs_and_the_baseline_on_fresh_seeds(confirmed):
-    sweep, code, folder = confirmed
+    sweep, code, folder, _ = confirmed
     assert code == 0
     summary = json.loads((folder / "confirm" / "confirm.json").read_text())
     assert summary["seeds"] == [1, 2]                     # the sweep trained seed 0
@@ -114,7 +120,7 @@ def test_confirmation_reruns_the_top_configs_and_the_baseline_on_fresh_seeds(con
 
 @pytest.mark.slow
 def test_confirmation_runs_are_mlflow_children_of_the_sweep_and_it_resumes_without_rerunning(confirmed):
-    sweep, _, folder = confirmed
+    sweep, _, folder, _ = confirmed
     runs = sweep_helpers.child_runs(sweep.plan.to_json())
     confirm_runs = [r for r in runs if "confirm_config" in r.data.tags]
     assert len(runs) == 4 + 6 and len(confirm_runs) == 6
@@ -146,3 +152,43 @@ def test_a_sweep_without_a_completed_config_has_nothing_to_confirm(tmp_path):
     assert out.returncode == 2 and "no completed trial besides the baseline" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1 and not (tmp_path / "s" / "confirm").exists()
     assert not (tmp_path / "m.db").exists()
+
+
+def _lines_after(text: str, heading: str) -> list[str]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    return [line.strip() for line in lines[start + 1:] if line.startswith("  ")][:10]
+
+
+def _train_alone(line: str, tmp_path, name: str) -> dict:
+    """Run a printed `python -m tune_bir.train` line in a fresh process; its record."""
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "tune_bir.train"]
+    out = subprocess.run([sys.executable, *argv[1:], "--results-dir", str(tmp_path), "--run-name", name],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_printed_run_it_alone_lines_give_a_sweep_trials_and_a_confirmation_runs_numbers_bit_for_bit(
+        confirmed, capsys, tmp_path):
+    sweep, _, folder, printed = confirmed
+    print_summary(sweep)
+    line = _lines_after(capsys.readouterr().out, "run it alone")[0]
+    best = sweep.best
+    assert f"--seed={sweep.plan.resolved.seed}" in line and f"--threads={int(best['threads'])}" in line
+    record = _train_alone(line, tmp_path, "sweep-best")
+    compared = [k for k in best if k in record["final"] and k not in ("task", "iters_done")]
+    assert {"acc_avg", "val_acc_avg", "forgetting_avg", "acc_task_5"} <= set(compared)
+    assert {k: record["final"][k] for k in compared} == {k: best[k] for k in compared}   # exactly
+    assert record["cpu_fingerprint"] == {k: best[k] for k in FINGERPRINT_FIELDS}
+    # the confirmation: one line per config; another seed of the same config is the same line with that --seed
+    by_config = dict(line.split(maxsplit=1) for line in _lines_after(printed, "run one alone"))
+    assert list(by_config) == ["baseline", "top1", "top2"]
+    rows = {(r["config"], int(r["seed"])): r for r in csv.DictReader((folder / "confirm" / "results.csv").open())}
+    record = _train_alone(by_config["top1"].replace("--seed=1", "--seed=2"), tmp_path, "confirmed-top1-seed2")
+    row = rows[("top1", 2)]
+    for key in ("acc_avg", "forgetting_avg", "bwt", "val_acc_avg", "acc_task_1", "val_acc_task_5"):
+        assert record["final"][key] == float(row[key]), key
+    assert str(record["cpu_fingerprint"]["threads"]) == row["threads"]

@@ -181,3 +181,30 @@ def test_then_confirm_sweeps_then_confirms_the_best_config_on_fresh_seeds_and_re
     parent = MlflowClient(uri).get_run(sweep["mlflow"]["parent_run_id"])
     assert parent.data.tags["tune_bir.plan_sha256.confirm"] == hashlib.sha256(
         (folder / "plan.json").read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_the_printed_run_one_alone_lines_give_a_sequential_runs_numbers_bit_for_bit(sequential, tmp_path):
+    import shlex
+
+    import torch
+
+    from tune_bir import train
+
+    lines = sequential.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run one alone"))
+    by_config = dict(line.split(maxsplit=1) for line in lines[start + 1:start + 3])
+    assert list(by_config) == ["baseline", "rep"]
+    row = next(r for r in _rows(sequential.folder) if (r["config"], r["seed"]) == ("rep", "101"))
+    argv = shlex.split(by_config["rep"].replace("--seed=100", "--seed=101"))
+    assert argv[:3] == ["python", "-m", "tune_bir.train"] and f"--threads={row['threads']}" in argv
+    threads = torch.get_num_threads()
+    try:
+        assert train.main([*argv[3:], "--results-dir", str(tmp_path), "--run-name", "alone"]) == 0
+    finally:
+        torch.set_num_threads(threads)   # train sets the process's threads; later tests keep theirs
+    record = json.loads((tmp_path / "alone.json").read_text())
+    for key in ("acc_avg", "forgetting_avg", "bwt", "val_acc_avg", "acc_task_1", "val_acc_task_5"):
+        assert record["final"][key] == float(row[key]), key    # exactly
+    assert {k: "" if v is None else str(v) for k, v in record["cpu_fingerprint"].items()} == {
+        k: row[k] for k in record["cpu_fingerprint"]}

@@ -15,11 +15,13 @@ from mlflow.tracking import MlflowClient
 from tests import sweep_helpers
 from tune_bir.cli import run_main
 from tune_bir.config import BIRConfig
+from tune_bir.record import CPU_PREFIX, FINGERPRINT_FIELDS
 from tune_bir.sweep.driver import main, run_sweep
 from tune_bir.sweep.plan import PROG
 
 TINY = ["--iters", "8", "--batch", "32", "--seed", "0"]
-TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task"}
+CPU_PARAMS = [CPU_PREFIX + k for k in FINGERPRINT_FIELDS]   # what computed the trial (tune_bir.record)
+TRIAL_PARAMS = set(BIRConfig.field_names()) | {"seeds_per_trial", "baseline", "share_first_task", *CPU_PARAMS}
 
 
 class CallCounter:
@@ -88,6 +90,9 @@ def test_each_trial_is_one_mlflow_run_with_params_metrics_per_task_and_status(sw
         assert run.data.tags["trial_status"] == row["status"]
         assert set(run.data.params) == TRIAL_PARAMS
         assert run.data.params["repulsion"] == str(not row["baseline"])
+        assert [run.data.params[CPU_PREFIX + k] for k in FINGERPRINT_FIELDS] == [str(row[k])
+                                                                                for k in FINGERPRINT_FIELDS]
+        assert not set(CPU_PARAMS) & set(run.data.metrics)   # params, not metrics
         history = client.get_metric_history(run.info.run_id, "val_acc_avg")
         # a trial that diverged inside task t+1 logs that last result at step t+1
         extra = 1 if row["status"] == "diverged" and len(history) > row["task"] else 0

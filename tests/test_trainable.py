@@ -136,6 +136,26 @@ def test_seeds_per_trial_trains_each_seed_and_reports_their_mean():
                                                        + result["seed4/time_this_step_s"])
 
 
+def test_each_seed_of_a_trial_is_what_train_gives_alone_with_that_seed_and_the_trials_threads(tmp_path):
+    from tune_bir import train
+    from tune_bir.record import result_fingerprint
+
+    trainable = BIRTrainable(config=dict(BASE, seed=3, seeds_per_trial=2))
+    while not (result := trainable.train()).get("done"):
+        pass
+    fingerprint = result_fingerprint(result)
+    assert fingerprint["threads"] == torch.get_num_threads() and fingerprint["cpu_model"]
+    (tmp_path / "config.json").write_text(json.dumps(BASE))
+    for seed in (3, 4):
+        argv = ["--config", str(tmp_path / "config.json"), "--seed", str(seed), "--threads",
+                str(fingerprint["threads"]), "--results-dir", str(tmp_path), "--run-name", f"seed{seed}"]
+        assert train.main(argv) == 0
+        record = json.loads((tmp_path / f"seed{seed}.json").read_text())
+        final = {k: v for k, v in record["final"].items() if k != "time_this_step_s"}
+        assert final == {k: result[f"seed{seed}/{k}"] for k in final}   # bit for bit
+        assert record["cpu_fingerprint"] == fingerprint
+
+
 def test_a_diverging_config_ends_its_trial_as_diverged():
     trainable = BIRTrainable(config=dict(BASE, lr=1e30))   # the weights overflow within a few steps
     result = trainable.train()

@@ -31,7 +31,7 @@ from tune_bir.device import resolve_device
 from tune_bir.engine import CHECKPOINT_FORMAT as ENGINE_CHECKPOINT_FORMAT
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
-from tune_bir.record import cpu_fingerprint
+from tune_bir.record import CPU_PREFIX, cpu_fingerprint
 from tune_bir.safe_load import load_torch_file
 
 # What ASHA ranks trials by at a rung: val_acc_avg with its ties broken (see TIE_BREAK_WEIGHT below);
@@ -177,8 +177,9 @@ class BIRTrainable(tune.Trainable):
             "worker/first_task_adopted": float(first_task_cache.STATS["adopted"])}
         if ray.is_initialized():
             stats["worker/node"] = ray.get_runtime_context().get_node_id()
-        # where the run's numbers reproduce bit for bit (a confirmation records it per run)
-        stats |= {f"cpu/{k}": v for k, v in cpu_fingerprint().items()}
+        # where the run's numbers reproduce bit for bit: `python -m tune_bir.train` with the trial's config, seed
+        # and these threads (the worker's, Ray's OMP_NUM_THREADS) on this kind of CPU repeats it
+        stats |= {CPU_PREFIX + k: v for k, v in cpu_fingerprint().items()}
         return stats
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,17 @@ def cpu_fingerprint(threads: int | None = None) -> dict[str, Any]:
              **_library_isas(), "threads": int(threads) if threads else torch.get_num_threads(),
              "torch_version": torch.__version__}
     return {name: found[name] for name in FINGERPRINT_FIELDS}
+
+
+# A Tune trial reports its fingerprint with every result under this prefix (`cpu/cpu_model`, ...; MLflow params
+# of the same names); results.csv rows carry the bare FINGERPRINT_FIELDS
+CPU_PREFIX = "cpu/"
+
+
+def result_fingerprint(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint in a trial's result (CPU_PREFIX keys) under the bare FINGERPRINT_FIELDS names; None for
+    a field the result lacks (a sweep from before results carried it)."""
+    return {name: result.get(CPU_PREFIX + name) for name in FINGERPRINT_FIELDS}
 
 
 def cpu_model() -> str:

@@ -21,7 +21,7 @@ from tune_bir.config import BIRConfig
 from tune_bir.cpu import cpu_threads, quiet_waits
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_creatable_folder
-from tune_bir.record import git_commit, package_versions
+from tune_bir.record import cpu_fingerprint, git_commit, package_versions
 from tune_bir.terms import check_idle_fields, enabled
 
 PROG = "python -m tune_bir.train"
@@ -141,6 +141,8 @@ def _run(cfg: BIRConfig, results_dir: Path, n_threads: int) -> int:
         "method": method_label(cfg),
         "device": str(engine.device),
         "cpu_threads": n_threads,
+        # what the per-seed numbers reproduce on (docs/results.md "Which numbers reproduce where")
+        "cpu_fingerprint": cpu_fingerprint(n_threads),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "acc_matrix": engine.acc_history,

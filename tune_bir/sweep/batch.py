@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tune_bir.config import BIRConfig
+from tune_bir.record import result_fingerprint
 from tune_bir.sweep.plan import MlflowLocation, SweepOptions
 from tune_bir.sweep.run import restored_tuner, run_config, trainable_with_resources, trial_dirname
 from tune_bir.sweep.status import trial_status
@@ -94,7 +95,7 @@ def confirmation_rows(grid: Any, folder: SweepFolder, n_tasks: int) -> tuple[lis
                                "status": trial_status(metrics, result.error is not None, n_tasks)}
         row |= {k: metrics.get(k, math.nan) for k in FINAL_METRICS}
         # the CPU it trained on and what its libraries dispatched to (tune_bir.record.cpu_fingerprint)
-        row |= {k[len("cpu/"):]: v for k, v in metrics.items() if k.startswith("cpu/")}
+        row |= result_fingerprint(metrics)
         row |= {k: v for k, v in metrics.items() if k.startswith(("acc_task_", "val_acc_task_"))}
         row |= after_each_task(result.metrics_dataframe, n_tasks)
         rows.append(row)

@@ -34,7 +34,7 @@ from tune_bir.sweep.run import (
 )
 from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials
 from tune_bir.sweep.storage import CONFIRM_DIR, CONFIRM_FILE, RESULTS_FILE, SWEEP_FILE, SweepFolder
-from tune_bir.sweep.summary import csv_text
+from tune_bir.sweep.summary import best_values, csv_text, run_alone_lines
 
 
 @dataclass
@@ -196,5 +196,11 @@ def print_confirmation(outcome: ConfirmOutcome) -> None:
         sweep_val = f"{c.sweep_val_acc_avg:.4f}" if c.sweep_val_acc_avg is not None else "-"
         print(f"  {c.config:<10} {sweep_val:>9} {len(done):>5} {mean:>17.4f} {sd:>7.4f}  "
               + " ".join(f"{k}={v}" for k, v in c.values.items()))
+    print(f"run one alone (any seed of {outcome.seeds[0]}..{outcome.seeds[-1]} for --seed; on the same kind of CPU "
+          "and threads, that run's numbers bit for bit):")
+    configs = {c.config: best_values(outcome.plan, {"baseline": c.config == BASELINE, **c.values})
+               for c in outcome.configs}
+    for line in run_alone_lines(configs, outcome.rows, outcome.seeds[0], outcome.plan.options.cpus_per_trial):
+        print(f"  {line}")
     print(f"results: {outcome.folder}/{RESULTS_FILE}")
     print(f"paired statistics (t-test, Wilcoxon, Holm) and plots: python -m analysis {outcome.plan.folder.location}")

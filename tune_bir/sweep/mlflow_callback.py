@@ -10,7 +10,10 @@ Run layout: parent tags `tune_bir.sweep_id`, `tune_bir.role=parent`; child tags
 `tune_bir.sweep_id`, `trial_id`, `trial_name`, `mlflow.parentRunId`, `trial_status`, and
 `tune_bir.last_task` (the last task whose metrics were logged, so nothing is logged twice).
 Params are the resolved config fields under their BIRConfig names, plus the trial options
-(`seeds_per_trial`, `baseline`, `share_first_task`); metrics are logged at step = task (tasks finished).
+(`seeds_per_trial`, `baseline`, `share_first_task`) and, from the trial's first result, the CPU that computes it
+(`cpu/<field>` for each of `tune_bir.record.FINGERPRINT_FIELDS`, as the result names them; a trial restored on
+another kind of CPU keeps the first ones and gets the tag `cpu_fingerprint_changed`, the fields that differ);
+metrics are logged at step = task (tasks finished).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 
 from trainables.bir import TRIAL_OPTIONS, split_config
 from tune_bir.config import BIRConfig
+from tune_bir.record import CPU_PREFIX, FINGERPRINT_FIELDS
 from tune_bir.sweep.plan import MlflowLocation
 from tune_bir.sweep.status import COMPLETED, ERRORED, STOPPED_EARLY, trial_status
 
@@ -70,7 +74,7 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The metrics of a Tune result (docs/sweep.md "Result keys"), Tune's bookkeeping and worker diagnostics
     left out."""
     return {k: float(v) for k, v in result.items()
-            if k not in _SKIP_KEYS and not k.startswith(("worker/", "cpu/"))
+            if k not in _SKIP_KEYS and not k.startswith(("worker/", CPU_PREFIX))
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -101,11 +105,12 @@ class MlflowSweepCallback(Callback):
         self._last_task: dict[str, int] = {}     # Tune trial id -> last task logged
         self._ended: set[str] = set()
         self._resolved: dict[str, BIRConfig] = {}   # Tune trial id -> its resolved config (once per trial)
+        self._fingerprinted: set[str] = set()        # Tune trial ids whose CPU fingerprint is logged
 
     # the client and the caches are rebuilt after Tune unpickles the callback on --resume
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_client=None, _runs={}, _last_task={}, _ended=set(), _resolved={})
+        state.update(_client=None, _runs={}, _last_task={}, _ended=set(), _resolved={}, _fingerprinted=set())
         return state
 
     @property
@@ -162,7 +167,23 @@ class MlflowSweepCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._run_id(trial)
 
+    def _log_fingerprint(self, trial: Any, result: dict) -> None:
+        """The trial's CPU fingerprint as params, once; MLflow params cannot change, so a trial restored on
+        another kind of CPU (a mixed cluster) keeps its first one and is tagged."""
+        keys = [CPU_PREFIX + k for k in FINGERPRINT_FIELDS]
+        if trial.trial_id in self._fingerprinted or not all(k in result for k in keys):
+            return
+        run_id = self._run_id(trial)
+        logged = self.client.get_run(run_id).data.params
+        fingerprint = {k: str(result[k]) for k in keys}
+        new = [Param(k, v) for k, v in fingerprint.items() if k not in logged]
+        changed = [k for k, v in fingerprint.items() if k in logged and logged[k] != v]
+        self.client.log_batch(run_id, params=new,
+                              tags=[RunTag("cpu_fingerprint_changed", ",".join(changed))] if changed else [])
+        self._fingerprinted.add(trial.trial_id)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._log_fingerprint(trial, result)
         task = int(result.get("task", 0))
         ends_task = result.get("iters_done", -1) == task * self.resolved(trial).iters
         if ends_task:

@@ -14,6 +14,7 @@ from typing import Any
 from search_spaces import EXAGGERATION_OFF
 from tune_bir.config import BIRConfig
 from tune_bir.fields import flag_name
+from tune_bir.record import result_fingerprint
 from tune_bir.sweep.plan import METRIC, PROG, SweepPlan
 from tune_bir.sweep.run import save_to_sweep, search_alg
 from tune_bir.sweep.status import COMPLETED, is_finite_number, rank_trials, status_counts, trial_status
@@ -70,6 +71,7 @@ def trial_rows(grid: Any, plan: SweepPlan) -> tuple[list[dict[str, Any]], bool]:
                                "baseline": bool(config.get("baseline"))}
         row |= {k: config.get(k) for k in plan.tuned_names}
         row |= {k: v for k, v in metrics.items() if k in ROW_METRICS or k.startswith(("acc_", "val_"))}
+        row |= result_fingerprint(metrics)   # what computed it (None: an older sweep)
         row["path"] = trial.path
         rows.append(row)
     return rows, unfinished
@@ -92,11 +94,13 @@ def saved_statuses(location: str) -> dict[str, str]:
 
 def best_values(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
     """A trial's config as the user would type it: non-default fields only."""
-    values = dict(plan.base_config)
-    if row["baseline"]:
-        values |= EXAGGERATION_OFF
-    else:
-        values |= {k: v for k, v in row.items() if k in plan.tuned_names}
+    return typed_values(plan.base_config, EXAGGERATION_OFF if row["baseline"]
+                        else {k: v for k, v in row.items() if k in plan.tuned_names})
+
+
+def typed_values(base_config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A base config with `values` set, as the user would type it for one run: non-default fields only."""
+    values = {**base_config, **values}
     # what a single run would refuse as changing nothing: how the sweep cut tasks into steps, and options of
     # terms this trial has off (the baseline keeps the base config's)
     idle = {"segment_iters", *(name for name, _ in idle_fields(BIRConfig.from_dict(values)))}
@@ -105,17 +109,43 @@ def best_values(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
             if k in values and k not in idle and values[k] is not None and values[k] != defaults[k]}
 
 
-def train_command(values: dict[str, Any]) -> str:
-    """A runnable `python -m tune_bir.train` line for a config dict."""
+def train_command(values: dict[str, Any], seed: int | None = None, threads: int | None = None) -> str:
+    """A runnable `python -m tune_bir.train` line for a config dict; with `seed` and `threads` it is a trial's own
+    run (the seed, and the CPU threads its worker had: on the same kind of CPU, the same numbers bit for bit)."""
     parts = TRAIN_PROG.split()
     for name, value in values.items():
+        if name == "seed" and seed is not None:
+            continue
         flag = flag_name(name)
         if isinstance(value, bool):
             if value:
                 parts.append(flag)
         else:
             parts.append(f"{flag}={value!r}" if isinstance(value, float) else f"{flag}={value}")
+    if seed is not None:
+        parts.append(f"--seed={seed}")
+    if threads is not None:
+        parts.append(f"--threads={threads}")
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def trial_threads(rows: list[dict[str, Any]], cpus_per_trial: float) -> int:
+    """The CPU threads the trials of `rows` trained with (their recorded `threads`, the most common one), else
+    what Ray gives a worker of `cpus_per_trial` CPUs (OMP_NUM_THREADS: the whole CPUs, at least 1)."""
+    recorded = [int(float(r["threads"])) for r in rows if str(r.get("threads") or "").replace(".", "", 1).isdigit()]
+    if recorded:
+        return max(set(recorded), key=recorded.count)
+    return max(1, int(cpus_per_trial))
+
+
+def run_alone_lines(configs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], seed: int,
+                    cpus_per_trial: float) -> list[str]:
+    """One `python -m tune_bir.train` line per labelled config of a confirmation (its typed values), with `seed`
+    and the threads its runs had (`rows`' `threads` of that config)."""
+    width = max(map(len, configs), default=0)
+    return [f"{label:<{width}}  "
+            + train_command(values, seed, trial_threads([r for r in rows if r["config"] == label], cpus_per_trial))
+            for label, values in configs.items()]
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -227,13 +257,19 @@ def print_summary(outcome: SweepOutcome) -> None:
               "split: the maximum of many noisy scores beats the baseline by chance alone. Confirm it on fresh "
               "seeds (top 3 and the baseline, 8 seeds each, paired test):")
         print(f"  {PROG} --confirm {shlex.quote(plan.folder.location)}")
-        print("run it alone:")
-        print(f"  {train_command(outcome.best_values)}")
+        seeds = [plan.resolved.seed + k for k in range(plan.options.seeds_per_trial)]
+        threads = trial_threads([best], plan.options.cpus_per_trial)
+        print(f"run it alone (the trial's seed{'s' if len(seeds) > 1 else ''} and {threads} CPU "
+              f"thread{'s' if threads > 1 else ''}: on the same kind of CPU, the trial's numbers bit for bit"
+              + ("; one line per seed, the trial reported their mean" if len(seeds) > 1 else "") + "):")
+        for seed in seeds:
+            print(f"  {train_command(outcome.best_values, seed, threads)}")
         best_file = join(outcome.sweep_dir, BEST_FILE)
+        again = f"--seed={seeds[0]} --threads={threads}"
         if is_uri(best_file):
-            print(f"  or: copy {best_file} here and run {TRAIN_PROG} --config {BEST_FILE}")
+            print(f"  or: copy {best_file} here and run {TRAIN_PROG} --config {BEST_FILE} {again}")
         else:
-            print(f"  or: {TRAIN_PROG} --config {shlex.quote(best_file)}")
+            print(f"  or: {TRAIN_PROG} --config {shlex.quote(best_file)} {again}")
     print(f"results: {outcome.sweep_dir} ({RESULTS_FILE}, {SWEEP_FILE}); MLflow parent run "
           f"{outcome.parent_run_id} in experiment '{plan.mlflow.experiment_name}'")
     print(f"analyse: python -m analysis {shlex.quote(outcome.sweep_dir)}")
