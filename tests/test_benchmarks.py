@@ -32,12 +32,29 @@ def test_asymptotic_ratio_by_hand():
     assert asymptotic_ratio(2, 4, 10) == pytest.approx((2 + 6 / 4 + 2 / 16) / 10)
 
 
-def test_engine_speed_benchmark_prints_and_writes_its_ratios(tmp_path):
-    out_file = tmp_path / "speed.json"
-    out = subprocess.run([sys.executable, "benchmarks/engine_speed.py", "--steps", "2", "--rounds", "1",
-                          "--skip-cifar", "--terms", "repulsion", "--threads", "1", "--precisions", "fp32,tf32,bf16",
-                          "--count-ops", "--out", str(out_file)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+@pytest.fixture(scope="module")
+def cpu_device_check(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """benchmarks/device_check.sh, the script a GPU session runs, dry on the CPU: every phase with tiny sizes.
+    Its engine_speed and gpu_sharing phases are also the benchmarks' own CPU runs (the arguments are in the
+    tests below), so each benchmark runs once in the suite."""
+    out_dir = tmp_path_factory.mktemp("device-check")
+    env = os.environ | {"DEVICE": "cpu", "OUT": str(out_dir), "PYTHON": sys.executable,
+                        "PYTEST_SELECT": "-k guard_catches"}
+    out = subprocess.run(["bash", "benchmarks/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900, check=True).stdout
+    return out, out_dir
+
+
+def phase_output(out: str, name: str) -> str:
+    """What one phase of the device check printed."""
+    return out[out.index(f"=== {name} (limit"):out.index(f"=== {name}: exit")]
+
+
+@pytest.mark.slow
+def test_engine_speed_benchmark_prints_and_writes_its_ratios(cpu_device_check):
+    # engine_speed.py --device cpu --threads 1 --steps 2 --rounds 1 --warmup 1 --terms repulsion --skip-cifar
+    # --precisions fp32,tf32,bf16 --count-ops (device_check.sh's CPU arguments)
+    out, out_file = phase_output(cpu_device_check[0], "engine_speed"), cpu_device_check[1] / "engine_speed_cpu.json"
     for label in ("    BI-R ", "    BI-R+SI ", "    BI-R+SI tf32", "    BI-R+SI bf16", "    + repulsion"):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert "ms/step" in line and "step/floor" in line and "aten ops/step" in line
@@ -63,11 +80,10 @@ def test_engine_speed_benchmark_prints_and_writes_its_ratios(tmp_path):
     assert _positive(mnist["gemms_alone"]["ms"])
 
 
-def test_gpu_sharing_benchmark_runs_processes_side_by_side(tmp_path):
-    out_file = tmp_path / "sharing.json"
-    out = subprocess.run([sys.executable, "benchmarks/gpu_sharing.py", "--device", "cpu", "--processes", "1,2",
-                          "--experiment", "splitMNIST5k", "--iters", "2", "--seconds", "2", "--out", str(out_file)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900, check=True).stdout
+@pytest.mark.slow
+def test_gpu_sharing_benchmark_runs_processes_side_by_side(cpu_device_check):
+    # gpu_sharing.py --device cpu --processes 1,2 --experiment splitMNIST5k --iters 2 --seconds 2
+    out, out_file = phase_output(cpu_device_check[0], "gpu_sharing"), cpu_device_check[1] / "gpu_sharing_cpu.json"
     assert "best:" in out and "--gpus-per-trial" in out
     result = json.loads(out_file.read_text())
     assert [row["processes"] for row in result["rows"]] == [1, 2]
@@ -80,12 +96,8 @@ def test_gpu_sharing_benchmark_runs_processes_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_device_check_script_runs_every_phase_on_the_cpu(tmp_path):
-    """The script a GPU session runs, dry on the CPU: every phase with tiny sizes (one quick test of the file)."""
-    env = os.environ | {"DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable,
-                        "PYTEST_SELECT": "-k guard_catches"}
-    out = subprocess.run(["bash", "benchmarks/device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900, check=True).stdout
+def test_device_check_script_runs_every_phase_on_the_cpu(cpu_device_check):
+    out, tmp_path = cpu_device_check
     summary = out[out.index("=== summary"):].splitlines()[1:]
     assert [line.split()[0] for line in summary] == ["environment", "tests", "engine_speed", "gpu_sharing"]
     assert all("rc=0" in line for line in summary), summary
