@@ -158,6 +158,13 @@ def golden() -> dict[str, Any]:
     return json.loads(GOLDEN_FILE.read_text())
 
 
+def fingerprint_differences(pinned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The EXACT_FIELDS in which this CPU (at the file's thread count) differs from the one that wrote the file:
+    field -> (file's value, this CPU's); empty on the same kind of CPU."""
+    here = cpu_fingerprint(pinned["threads"])
+    return {k: (pinned["written_by"][k], here[k]) for k in EXACT_FIELDS if pinned["written_by"][k] != here[k]}
+
+
 class OffGolden(AssertionError):
     """A segment off its pinned values; `deviation` is the worst metric's (see `deviation`)."""
 
@@ -188,8 +195,7 @@ def test_golden_run_reproduces_its_pinned_metrics(name):
     expected = pinned["runs"][name]
     assert expected["config"] == BASE | RUNS[name], "the pinned config changed: regenerate deliberately"
     if EXACT:
-        here = cpu_fingerprint(pinned["threads"])
-        differ = {k: (pinned["written_by"][k], here[k]) for k in EXACT_FIELDS if pinned["written_by"][k] != here[k]}
+        differ = fingerprint_differences(pinned)
         assert not differ, ("TUNE_BIR_GOLDEN_EXACT=1 compares bits, which only the kind of CPU that wrote the file "
                             f"reproduces; (file, here) differ in {differ}")
     got = run(RUNS[name], pinned["threads"], check_segment(expected["segments"]))
@@ -335,8 +341,7 @@ def native_runs() -> dict[str, Any]:
     """Every drift run at the level this CPU dispatches to: the pinned values on the kind of CPU that wrote
     the file (test_golden_run_reproduces_its_pinned_metrics holds them bit for bit there), else run here."""
     pinned = golden()
-    here = cpu_fingerprint(pinned["threads"])
-    if all(pinned["written_by"][k] == here[k] for k in EXACT_FIELDS):
+    if not fingerprint_differences(pinned):
         return {name: pinned["runs"][name] for name in DRIFT_RUNS}
     return run_in_subprocess(DRIFT_RUNS, {})["runs"]
 
@@ -373,9 +378,7 @@ def pin(names: list[str]) -> None:
     """Add the runs `names` (new configs of RUNS) to the file, leaving every pinned run as it is; refused on
     another kind of CPU than the one that wrote the file (its runs would not be the same kind of number)."""
     pinned = golden()
-    here = cpu_fingerprint(pinned["threads"])
-    differ = {k for k in EXACT_FIELDS if pinned["written_by"][k] != here[k]}
-    if differ:
+    if differ := fingerprint_differences(pinned):
         raise SystemExit(f"cannot pin on another kind of CPU than the file's (differ: {sorted(differ)})")
     for name in names:
         pinned["runs"][name] = {"config": BASE | RUNS[name], **run(RUNS[name], pinned["threads"])}
@@ -398,8 +401,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"written_by": cpu_fingerprint(threads),
                           "runs": {name: run(RUNS[name], threads) for name in argv[1].split(",")}}))
         return 0
-    print(f"usage: python -m tests.test_golden --write | --pin NAME[,NAME...] | --run NAME[,NAME...] (names: {', '.join(RUNS)})",
-          file=sys.stderr)
+    print("usage: python -m tests.test_golden --write | --pin NAME[,NAME...] | --run NAME[,NAME...] "
+          f"(names: {', '.join(RUNS)})", file=sys.stderr)
     return 2
 
 
