@@ -211,7 +211,7 @@ def _class_orders(conf: SequentialConfirmation, config: str, seeds: list[int]) -
         experiment = (conf.plan.get("base_config") or {}).get("experiment")
         if not experiment:
             return "not recorded"
-        from tune_bir.data import label_permutation
+        from tune_bir.config import label_permutation
 
         orders = [" ".join(map(str, label_permutation(experiment, s))) for s in seeds]
     known = [o for o in orders if o is not None]

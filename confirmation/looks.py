@@ -21,7 +21,7 @@ from typing import Any
 
 import analysis.sequential as sequential
 from confirmation.plan import BASELINE, LOOKS_FILE, METRIC, ConfirmationPlan
-from tune_bir.data import label_permutation
+from tune_bir.config import label_permutation
 from tune_bir.record import git_commit
 from tune_bir.sweep.batch import batch_points, run_batch
 from tune_bir.sweep.plan import MlflowLocation, SweepOptions

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.sequential import DECIDED, SequentialDesign, decide, paired_differences
-from tune_bir.data import label_permutation
+from tune_bir.config import label_permutation
 
 EXPERIMENT = "splitMNIST5k"
 CPU = {"cpu_model": "AMD EPYC 9B45", "cpu_isa_torch": "AVX512", "cpu_isa_mkl": "AVX2", "mkl_cbwr": "OFF",

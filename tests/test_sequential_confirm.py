@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from analysis.sequential import DECIDED, GO_ON, VERDICTS
 from confirmation.cli import Where, locate, new_plan
 from confirmation.ledger import LEDGER_FILE, Ledger, seeds_of_sweep
-from tune_bir.data import label_permutation
+from tune_bir.config import label_permutation
 from tune_bir.errors import ConfigError
 from tune_bir.sweep.__main__ import main
 from tune_bir.sweep.plan import SweepOptions, build_parser

@@ -68,6 +68,19 @@ PROTOCOLS: dict[str, ProtocolSpec] = {p.name: p for p in (
 )}
 EXPERIMENTS = tuple(name for name, spec in PROTOCOLS.items() if spec.continual)   # --experiment choices
 
+
+def label_permutation(experiment: str, seed: int) -> np.ndarray:
+    """perm with new label = perm[original label] (docs/algorithm.md "Class order"), drawn without the global RNG.
+
+    Here, not in tune_bir.data, so that the records and the confirmation can name a class order without
+    importing torch (a bad command line is refused before the seconds that takes)."""
+    spec = PROTOCOLS[experiment]
+    if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
+        # same numbers as the reference's first np.random.permutation after np.random.seed(seed)
+        return np.random.RandomState(seed).permutation(spec.n_classes)
+    return np.arange(spec.n_classes)
+
+
 # Every random stream of a run has a seed of its own, derived from --seed and the stream's id with numpy's
 # SeedSequence (`SeedSequence(seed).spawn(n)[id]`): no stream of one seed shares a seed with any stream of another
 # (seed + offset made seed s's "init" stream seed s+1's "learner" stream), and a stream that one option uses (an

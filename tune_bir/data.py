@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_bir.config import PROTOCOLS, ProtocolSpec, check_protocol
+from tune_bir.config import PROTOCOLS, ProtocolSpec, check_protocol, label_permutation
 from tune_bir.errors import ConfigError, DataUnavailableError
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,6 @@ def load_protocol(experiment: str, *, data_dir: str | os.PathLike = "./data", se
         while len(_protocol_cache) > _PROTOCOL_CACHE_SIZE:
             _protocol_cache.popitem(last=False)
         return protocol
-
-
-def label_permutation(experiment: str, seed: int) -> np.ndarray:
-    """perm with new label = perm[original label] (docs/algorithm.md "Class order"), drawn without the global RNG."""
-    spec = PROTOCOLS[experiment]
-    if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
-        # same numbers as the reference's first np.random.permutation after np.random.seed(seed)
-        return np.random.RandomState(seed).permutation(spec.n_classes)
-    return np.arange(spec.n_classes)
 
 
 def _build(experiment: str, spec: ProtocolSpec, raw: _Raw, seed: int, n_tasks: int, val_fraction: float) -> Protocol:
