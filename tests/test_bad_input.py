@@ -6,7 +6,15 @@ Each row of `CASES` breaks one rule of one command (`tune_bir.train`, `tune_bir.
 with an empty working directory of its own (plus the files its row prepares), with downloads sent to a
 loopback port where nothing listens and the default MLflow store in that directory: afterwards the directory
 must hold exactly what the row prepared (no `results/`, `ray_results/`, `mlflow.db`, `models/`, `data/`).
-The commands start in parallel (each spends seconds importing), once per test session, for the rows selected.
+The commands start in parallel, once per test session, for the rows selected.
+
+Each command runs in a process of its own, run as `python -m` runs it (`runpy.run_module` as `__main__`, with
+the row's argv, working directory and environment, its stdout and stderr in files, its exit code the
+process's), forked from a server that has imported torch, numpy and torchvision once (multiprocessing's
+forkserver): a fresh interpreter would spend over a second of the suite's two cores importing torch for each of
+the 160 rows. Nothing of the project is imported before the fork, so every module of a command runs its import
+under the row's environment. `test_the_forked_commands_are_the_python_dash_m_commands` runs rows of each
+command both ways and requires the same outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests import forked_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DEAD_PROXY = "http://127.0.0.1:9"   # the discard port: nothing listens, every download is refused at once
@@ -537,7 +547,8 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def _run(c: Case, cwd: Path, cache: Path) -> Outcome:
+def _case_command(c: Case, cwd: Path, cache: Path) -> tuple[list[str], dict[str, str], int]:
+    """The row's argv and environment, in its working directory (its files made), and its port."""
     cwd.mkdir(parents=True)
     port = free_port()
     for name, text in c.files.items():
@@ -552,22 +563,44 @@ def _run(c: Case, cwd: Path, cache: Path) -> Outcome:
             "http_proxy": DEAD_PROXY, "https_proxy": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY,
             "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost", "OMP_NUM_THREADS": "1"}
     env |= {k: v.format(port=port, cwd=cwd) for k, v in c.env.items()}
-    argv = [a.format(cwd=cwd, port=port) for a in c.argv]
+    return [a.format(cwd=cwd, port=port) for a in c.argv], env, port
+
+
+def _run(c: Case, cwd: Path, cache: Path, forked: bool = True) -> Outcome:
+    """Run one row: forked from the fork server (default), or as a fresh `python -m` interpreter."""
+    argv, env, port = _case_command(c, cwd, cache)
     before = _tree(cwd)
+    args = [sys.executable, "-m", c.module, *argv]
     start = time.monotonic()
-    # a session of its own: whatever the command starts (a Ray it should not have started) is stopped with it
-    proc = subprocess.Popen([sys.executable, "-m", c.module, *argv], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:   # a hang: report it as the case's outcome
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        stderr = f"hung for {TIMEOUT_S} s\n{stderr}"
-    finally:
+    if forked:
+        out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"
+        proc = forked_command.context().Process(target=forked_command.run_module,
+                                                args=(c.module, argv, str(cwd), env, str(out), str(err)))
+        proc.start()
+        proc.join(TIMEOUT_S)
+        hung = proc.exitcode is None
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)   # leftovers of this command's session only
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        proc.join()
+        stdout, stderr = out.read_text(), err.read_text()
+        returncode = proc.exitcode
+    else:
+        popen = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        hung = False
+        try:
+            stdout, stderr = popen.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            hung = True
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)   # leftovers of this command's session only
+        returncode = popen.returncode
+    if hung:   # a hang: report it as the row's outcome
+        stderr = f"hung for {TIMEOUT_S} s\n{stderr}"
+    out = subprocess.CompletedProcess(args, returncode, stdout, stderr)
     return Outcome(out, time.monotonic() - start, before, _tree(cwd), port)
 
 
@@ -602,3 +635,23 @@ def test_the_table_breaks_at_least_40_distinct_rules_on_every_command():
     modules = {c.module for c in CASES}
     assert modules == {T, P, S, A}
     assert any("--confirm" in c.argv for c in CASES)
+
+
+# the first row of each command, and rows that go far: an environment naming a port, a download refused at the
+# network boundary, a Ray address nobody answers; forked and fresh, each must give the same outcome
+EMULATION_ROWS = (*dict.fromkeys(c.module for c in CASES), "train-mlflow-unreachable", "train-data-offline",
+                  "sweep-ray-unreachable")
+
+
+@pytest.mark.parametrize("row", EMULATION_ROWS)
+def test_the_forked_commands_are_the_python_dash_m_commands(row, tmp_path):
+    c = CASES_BY_ID.get(row) or next(c for c in CASES if c.module == row)
+
+    def outcome(forked: bool) -> tuple:
+        cwd = tmp_path / ("forked" if forked else "fresh")
+        o = _run(c, cwd, tmp_path / "cache", forked=forked)
+        text = (o.out.stdout + "\n" + o.out.stderr).replace(str(cwd), "{cwd}").replace(str(o.port), "{port}")
+        return o.out.returncode, text, sorted(o.after - o.before)
+
+    (tmp_path / "cache").mkdir()
+    assert outcome(forked=True) == outcome(forked=False)
