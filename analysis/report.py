@@ -541,15 +541,25 @@ def _verdict_line(row: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
             + (f" ({row['note']})" if row.get("note") else ""))
 
 
+def recorded_machine_fields(results: pd.DataFrame) -> list[str]:
+    """The CPU fields (tune_bir.record.FINGERPRINT_FIELDS) that a results table holds, in their order."""
+    return [f for f in FINGERPRINT_FIELDS if f in results.columns]
+
+
+def machine_kinds(results: pd.DataFrame) -> pd.Series:
+    """Each run's CPU kind and thread count as one label (its recorded machine fields joined)."""
+    return results[recorded_machine_fields(results)].astype(str).agg(" / ".join, axis=1)
+
+
 def machines_note(results: pd.DataFrame) -> str | None:
     """What the CPUs of a confirmation's runs mean for its pairing: None when every run recorded the same CPU
     kind and thread count; a paragraph when they differ, or when no run recorded one (an older results.csv)."""
-    fields = [f for f in FINGERPRINT_FIELDS if f in results.columns]
+    fields = recorded_machine_fields(results)
     if not fields:
         return ("the runs record no CPU (a results.csv from before tune_bir recorded one): whether they all came "
                 "from one kind of CPU and thread count is unknown; their per-seed numbers reproduce bit for bit "
                 "only on the kind that made them (docs/results.md \"Which numbers reproduce where\").")
-    kinds = results[fields].astype(str).agg(" / ".join, axis=1)
+    kinds = machine_kinds(results)
     if kinds.nunique() <= 1:
         return None
     label = {kind: chr(ord("A") + i) for i, kind in enumerate(kinds.value_counts().index)}

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.report import machines_note
+from analysis.report import machines_note, recorded_machine_fields
 from analysis.sequential import (
     BETTER,
     BETTER_SMALL,
@@ -40,7 +40,6 @@ from analysis.sequential import (
     paired_differences,
 )
 from tune_bir.errors import ConfigError
-from tune_bir.record import FINGERPRINT_FIELDS
 
 PLAN_FILE, STATE_FILE, LOOKS_FILE, RESULTS_FILE, LEDGER_FILE = (
     "plan.json", "state.json", "looks.json", "results.csv", "seed_ledger.json")
@@ -230,7 +229,7 @@ def _class_orders(conf: SequentialConfirmation, config: str, seeds: list[int]) -
 
 def _cpu_note(conf: SequentialConfirmation, config: str, seeds: list[int]) -> str:
     """Whether any pair (config and baseline on one seed) ran on different CPU kinds or thread counts."""
-    fields = [f for f in FINGERPRINT_FIELDS if f in conf.results.columns]
+    fields = recorded_machine_fields(conf.results)
     if not fields:
         return "not recorded (no cpu_* / threads columns)"
     table = conf.results.set_index(["config", "seed"])
