@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.cluster_fixtures import cluster_pids, kill_cluster_processes, ray_subprocess_env
 from tests.sweep_helpers import child_runs
-from tests.test_sweep_resume import checkpointed_iterations, results
+from tests.test_sweep_resume import checkpointed_iterations, registered_checkpoints, results
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +42,31 @@ def saved_trial_statuses(sweep_dir: Path) -> dict[str, str]:
         return {}
 
 
+def resumable_half_way(sweep_dir: Path) -> bool:
+    """The state Tune saved holds a finished trial and a running one with a registered checkpoint: a driver
+    killed now leaves a sweep whose resume must skip one trial and go on from a checkpoint in another. Tune
+    saves the state every few seconds, after it has written a checkpoint folder, so the folders on disk run
+    ahead of it (cheap to look at: checked first). `sweep_dir`: a Path or an ArrowPath (S3)."""
+    statuses, kept = saved_trial_statuses(sweep_dir), checkpointed_iterations(sweep_dir)
+    half_way = [t for t, s in statuses.items() if s == "RUNNING" and kept.get(t, 0) > 0]
+    if not (half_way and "TERMINATED" in statuses.values()):
+        return False
+    try:
+        registered = registered_checkpoints(sweep_dir)
+    except Exception:   # noqa: BLE001 - a state file being rewritten: look again
+        return False
+    return any(registered.get(t, 0) > 0 for t in half_way)
+
+
 def check_resumed_sweep(sweep_dir: Path, plan: dict, finished: set[str], before: dict[str, list[dict]],
                         checkpointed: dict[str, int], n_trials: int) -> None:
     """A sweep killed with `finished` trials saved as such, `before` their result lines and `checkpointed` their
-    newest checkpoints, then resumed: every trial done, none run again or from scratch, one MLflow run per trial
-    with each task logged once, one parent run, FINISHED. `sweep_dir`: a Path or an ArrowPath (S3)."""
+    newest registered checkpoints (`registered_checkpoints`), then resumed: every trial done, none run again or
+    from scratch, one MLflow run per trial with each task logged once, one parent run, FINISHED. `sweep_dir`: a
+    Path or an ArrowPath (S3)."""
     after = results(sweep_dir)
     assert len(after) == n_trials and all(lines[-1].get("done") for lines in after.values())
+    assert any(n > 0 for t, n in checkpointed.items() if t not in finished), checkpointed   # a resume to check
     for trial_id in finished:                       # saved as finished: not run again
         assert len(after[trial_id]) == len(before[trial_id])
     for trial_id, lines in after.items():
@@ -98,17 +116,13 @@ def test_resume_after_the_driver_is_killed_finishes_without_rerunning_or_duplica
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         sessions.add(first.pid)
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and first.poll() is None:
-            statuses, kept = saved_trial_statuses(sweep_dir), checkpointed_iterations(sweep_dir)
-            half_way = [t for t, s in statuses.items() if s == "RUNNING" and kept.get(t, 0) > 0]
-            if half_way and "TERMINATED" in statuses.values():
-                break
+        while time.monotonic() < deadline and first.poll() is None and not resumable_half_way(sweep_dir):
             time.sleep(0.2)
         assert first.poll() is None, "the sweep ended before it could be killed half-way"
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
         finished = {t for t, s in saved_trial_statuses(sweep_dir).items() if s == "TERMINATED"}
-        before, checkpointed = results(sweep_dir), checkpointed_iterations(sweep_dir)
+        before, checkpointed = results(sweep_dir), registered_checkpoints(sweep_dir)
         assert finished and len(finished) < 3
         plan = json.loads((sweep_dir / "sweep.json").read_text())
         client = MlflowClient(uri)

@@ -26,8 +26,8 @@ from tests import s3_fixtures
 from tests.cluster_fixtures import cluster_pids, kill_cluster_processes, ray_subprocess_env
 from tests.s3_fixtures import S3_ENV, ArrowPath
 from tests.sweep_helpers import child_runs
-from tests.test_faults_driver import check_resumed_sweep, saved_trial_statuses
-from tests.test_sweep_resume import checkpointed_iterations, results
+from tests.test_faults_driver import check_resumed_sweep, resumable_half_way, saved_trial_statuses
+from tests.test_sweep_resume import registered_checkpoints, results
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +73,8 @@ def test_a_sweep_on_s3_survives_a_killed_worker_and_driver_then_confirms_and_ana
                 if running:
                     killed_pid = int(running[0][-1]["worker/pid"])
                     os.kill(killed_pid, signal.SIGKILL)     # the trial actor of this test's sweep
-            else:
-                statuses, kept = saved_trial_statuses(sweep_dir), checkpointed_iterations(sweep_dir)
-                half_way = [t for t, s in statuses.items() if s == "RUNNING" and kept.get(t, 0) > 0]
-                if half_way and "TERMINATED" in statuses.values():
-                    break
+            elif resumable_half_way(sweep_dir):
+                break
             time.sleep(0.5)
         assert killed_pid is not None, "no trial worker was killed"
         assert first.poll() is None, "the sweep ended before its driver could be killed half-way"
@@ -85,7 +82,7 @@ def test_a_sweep_on_s3_survives_a_killed_worker_and_driver_then_confirms_and_ana
         first.wait(timeout=60)
         kill_cluster_processes({first.pid}, ray_tmp)       # Ray's processes of the killed driver
         finished = {t for t, s in saved_trial_statuses(sweep_dir).items() if s == "TERMINATED"}
-        before, checkpointed = results(sweep_dir), checkpointed_iterations(sweep_dir)
+        before, checkpointed = results(sweep_dir), registered_checkpoints(sweep_dir)
         assert finished and len(finished) < TRIALS
 
         run("--resume", *common)

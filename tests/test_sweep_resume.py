@@ -47,10 +47,12 @@ def registered_checkpoints(sweep_dir: Path) -> dict[str, int]:
     """Tune trial id -> the training iteration of the newest checkpoint Tune had registered (0: none).
 
     Tune writes a checkpoint folder before it records it in the experiment state: a Ctrl+C between the two
-    leaves a folder on disk that a resume does not know, and the trial goes on from the one before."""
+    leaves a folder on disk that a resume does not know, and the trial goes on from the one before. A killed
+    driver's state can lag further: Tune saves it every few seconds. `sweep_dir`: a Path or an ArrowPath (S3)."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(sweep_dir))
+    fs = getattr(sweep_dir, "fs", None)   # tests/s3_fixtures.py ArrowPath: the bucket's pyarrow filesystem
+    analysis = ExperimentAnalysis(str(sweep_dir), storage_filesystem=fs)
     out = {}
     for trial in analysis.trials:
         checkpoint = analysis.get_last_checkpoint(trial)
