@@ -12,6 +12,13 @@ aten ops (CPU) one step launches; the gain from caching the frozen conv layers' 
 of each exaggeration term over plain BI-R+SI. Ratios only, no asserts. `--out FILE` writes all of it as
 JSON (device name, torch version, settings), rewritten after each protocol.
 
+bf16 on a CPU: torch multiplies bf16 matrices fast only through oneDNN's bf16 kernels, which need AVX-512
+(avx512_core), AMX or AVX2-VNNI-2 within the instruction set oneDNN may use (ONEDNN_MAX_CPU_ISA caps it);
+elsewhere (an AVX2-only CPU: older Xeons, many laptops) it falls back to generic loops at a few GFLOP/s, and
+the bf16 variant with its 2048 x 2048 rate probe would take minutes. There bf16 is skipped with a line
+saying why (`--slow-bf16` times it anyway); the JSON's `bf16_check` keeps the reason and a 256 x 256 product's
+rate in fp32 and bf16 (a few ms even on the slow path).
+
 Timing: on a CPU each timed segment is paired with a matrix-rate probe of its precision taken just before
 it (a shared machine's speed drifts by tens of per cent within a minute), and step/floor is the median
 over segments of (segment's ms per step) / (floor at the rate probed beside it). On a CUDA device steps
@@ -42,7 +49,7 @@ from tune_bir.device import float32_matmul_precision
 from tune_bir.engine import Engine
 from tune_bir.model import ModelSpec
 from tune_bir.nets import ConvLayers
-from tune_bir.record import cpu_model
+from tune_bir.record import cpu_fingerprint, cpu_model
 
 TERMS = {
     "repulsion": dict(repulsion=True, lamda_rep=1e3),
@@ -115,6 +122,29 @@ class MatmulProbe:
         rate = 2 * self.n**3 / min(self.clock.seconds(self._product) for _ in range(reps))
         self.best = max(self.best, rate)
         return rate
+
+
+def cpu_bf16_check(n: int = 256) -> dict:
+    """Whether torch multiplies bf16 matrices on this CPU with oneDNN's bf16 kernels (`fast`), why not, and an
+    n x n product's rate in fp32 and bf16 beside it (on the slow path a 256 x 256 bf16 product takes ~15 ms).
+
+    The decision is the predicate torch's own matmul dispatch uses (oneDNN's bf16 support for the instruction
+    set it may use: follows ONEDNN_MAX_CPU_ISA, not /proc/cpuinfo, which lists what the CPU has), not the timed
+    rates: a shared machine's speed drifts by tens of per cent, a dispatch rule does not.
+    """
+    mkldnn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    fast = bool(mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cpu = torch.device("cpu")
+    rates = {p: MatmulProbe(cpu, p, n).rate(reps=3) for p in ("fp32", "bf16")}
+    if fast:
+        reason = None
+    elif not mkldnn:
+        reason = "torch.backends.mkldnn is off, so bf16 matrix products run in torch's generic loops"
+    else:
+        isa = cpu_fingerprint()["cpu_isa_onednn"] or "unknown"
+        reason = (f"oneDNN has no bf16 kernels for the instruction set it uses here ({isa}; they need AVX-512, "
+                  "AMX or AVX2-VNNI-2), so bf16 matrix products run in torch's generic loops")
+    return {"fast": fast, "reason": reason, "n": n, "fp32_flops": rates["fp32"], "bf16_flops": rates["bf16"]}
 
 
 def matmul_flops(n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
@@ -428,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-terms", action="store_true")
     parser.add_argument("--terms", default=",".join(TERMS), help=f"comma-separated terms to time ({', '.join(TERMS)})")
     parser.add_argument("--skip-bf16", action="store_true", help="drop bf16 from --precisions")
+    parser.add_argument("--slow-bf16", action="store_true",
+                        help="time bf16 on a CPU also where torch has no fast bf16 kernels (minutes; else skipped)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -437,6 +469,10 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = device.type == "cuda"
     precisions = parse_list(args.precisions or ("fp32,tf32,bf16" if cuda else "fp32,bf16"), PRECISIONS, "precisions")
     if args.skip_bf16:
+        precisions = [p for p in precisions if p != "bf16"] or ["fp32"]
+    bf16_check = cpu_bf16_check() if "bf16" in precisions and not cuda else None
+    bf16_skipped = bf16_check is not None and not bf16_check["fast"] and not args.slow_bf16
+    if bf16_skipped:
         precisions = [p for p in precisions if p != "bf16"] or ["fp32"]
     compile_modes = parse_list(args.compile, COMPILE_MODES, "compile")
     compile_precisions = parse_list(args.compile_precisions, PRECISIONS, "compile-precisions") \
@@ -449,8 +485,15 @@ def main(argv: list[str] | None = None) -> dict:
                                  "precisions": precisions, "compile": compile_modes,
                                  "compile_precisions": compile_precisions, "terms": list(terms)},
                     "protocols": {}}
+    if bf16_check is not None:
+        result["bf16_check"] = bf16_check | {"skipped": bf16_skipped}
     print(f"torch {torch.__version__} on {result['device']['name']} ({device.type}), {args.threads} CPU threads, "
           f"{args.rounds} rounds x {args.steps} steps, warm-up {warmup}")
+    if bf16_check is not None and not bf16_check["fast"]:
+        rates = (f"a {bf16_check['n']} x {bf16_check['n']} product: bf16 {bf16_check['bf16_flops'] / 1e9:.1f} "
+                 f"GFLOP/s, fp32 {bf16_check['fp32_flops'] / 1e9:.1f} GFLOP/s")
+        print(f"bf16 skipped: {bf16_check['reason']} ({rates}); --slow-bf16 times it anyway" if bf16_skipped
+              else f"bf16 timed on torch's slow path (--slow-bf16): {bf16_check['reason']} ({rates})")
     # task 2 never ends inside the timed or profiled steps (its end runs evaluation)
     iters = warmup + args.steps * args.rounds + (OPS_STEPS if args.count_ops else 0) + 2
 
