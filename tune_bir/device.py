@@ -56,4 +56,31 @@ def compiled(fn: Callable, mode: str) -> Callable:
     """`fn` itself (`--compile off`), or torch.compile of it in that mode (reduce-overhead: CUDA graphs on a GPU)."""
     if mode == "off":
         return fn
+    key_compile_caches_by_cpu_isa()
     return torch.compile(fn, mode=mode)
+
+
+CPU_ISA_TAG = "cpu_vec_isa="
+
+
+def key_compile_caches_by_cpu_isa() -> str:
+    """Put the CPU vector instruction set inductor writes C++ for into torch.compile's cache keys; returns the tag.
+
+    Inductor picks that set per process (the CPU's widest, or ATEN_CPU_CAPABILITY's) and writes its vector width
+    into the code it generates, but torch 2.14 keys its on-disk FX-graph and AOTAutograd caches (TORCHINDUCTOR_
+    CACHE_DIR, default /tmp/torchinductor_$USER) without it: a later process with another set (a run under
+    ATEN_CPU_CAPABILITY=avx2, or another CPU kind sharing the folder) loads the code for the other width and
+    builds it for its own, which computes wrong numbers or corrupts the heap (measured on an AMD EPYC, Zen 5:
+    NaN losses in the compiled VAE pass under the avx2 caps after a native run; a compiled Linear+ReLU 0.48 off,
+    then "double free or corruption", natively after an avx2 run). `torch.compiler.config.cache_key_tag` is
+    torch's own switch for splitting those caches; a tag the user set stays. Process-wide on purpose: the
+    backward pass compiles later, inside `backward()`, under the same key rules.
+    """
+    # inductor's own choice, the one its code generation makes
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    tag = f"{CPU_ISA_TAG}{str(isa).replace(' ', '+') if isa else 'none'}"
+    others = [t for t in torch.compiler.config.cache_key_tag.split(";") if t and not t.startswith(CPU_ISA_TAG)]
+    torch.compiler.config.cache_key_tag = ";".join([*others, tag])
+    return tag
