@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tune_bir import losses
-from tune_bir.augment import augment_cifar, augment_mnist
+from tune_bir.augment import _boxes, augment_cifar, augment_mnist, crop_where
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
@@ -194,6 +194,19 @@ def test_augmentation_uses_its_own_random_stream_and_leaves_the_global_rng_alone
     assert torch.equal(a, b) and a.shape == x.shape
     assert torch.equal(state, torch.get_rng_state())
     assert not torch.equal(augment_mnist(x, g1), a)  # the stream moves on
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_cropping_only_the_chosen_samples_gives_the_whole_batch_crops_values(share):
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 1, 28, 28, generator=g)
+    size = torch.randint(14, 29, (64, 2), generator=g).float()
+    x0 = (torch.rand(64, generator=g) * (29 - size[:, 0])).floor()
+    y0 = (torch.rand(64, generator=g) * (29 - size[:, 1])).floor()
+    boxes, apply = _boxes(x0, y0, size[:, 0], size[:, 1]), torch.rand(64, generator=g) < share
+    whole = crop_where(x, boxes, apply, only_chosen=False)
+    assert torch.equal(crop_where(x, boxes, apply, only_chosen=True), whole)
+    assert torch.equal(whole[~apply], x[~apply]) and (share == 0.0 or not torch.equal(whole[apply], x[apply]))
 
 
 def test_cifar_views_are_finite_for_constant_inputs():
