@@ -130,7 +130,7 @@ def test_cli_takes_the_original_flags():
 @pytest.mark.parametrize("argv, message", [
     (["--online"], "--online needs --ewc"),
     (["--lambda", "10"], "--lambda acts only with --ewc"),
-    (["--ewc", "--fisher-n", "0"], "--fisher-n must be an integer >= 1"),
+    (["--ewc", "--fisher-n", "0"], "--fisher-n must be >= 1"),
     (["--ewc", "--lambda", "-1"], "--lambda must be >= 0"),
 ])
 def test_bad_ewc_flags_are_one_line_errors(argv, message):

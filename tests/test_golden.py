@@ -272,11 +272,11 @@ def _mutations() -> dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]]:
     mutations: dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]] = {}
     for term in registered():   # every exaggeration weight: some golden run must switch its term on
         if term.acts_on_replay and term.weight_field:
-            runs = [name for name, overrides in RUNS.items() if overrides.get(term.switch)]
+            runs = [name for name, overrides in RUNS.items() if overrides.get(term.switch.name)]
             if not runs:
                 continue   # test_every_weighted_term_has_a_golden_run says so
-            strongest = max(runs, key=lambda name: (BASE | RUNS[name]).get(term.weight_field, 0.0))
-            mutations[f"{term.weight_field} +1%"] = (strongest, _on_plugin(term.name, _scale("weight", 1.01)))
+            strongest = max(runs, key=lambda name: (BASE | RUNS[name]).get(term.weight_field.name, 0.0))
+            mutations[f"{term.weight_field.name} +1%"] = (strongest, _on_plugin(term.name, _scale("weight", 1.01)))
     return mutations | {
         "recon_replay dropped": ("bir_si", _replay_rows("recon_loss", torch.Tensor.detach)),
         "variational_replay dropped": ("bir_si", _replay_rows("variational", torch.Tensor.detach)),
@@ -295,8 +295,8 @@ def test_every_weighted_term_has_a_golden_run():
     """A built-in term with a weight is pinned, so that the sensitivity test can mutate its weight."""
     from tune_bir.terms import registered
 
-    missing = [term.switch for term in registered() if term.acts_on_replay and term.weight_field
-               and not any(overrides.get(term.switch) for overrides in RUNS.values())]
+    missing = [term.switch.name for term in registered() if term.acts_on_replay and term.weight_field
+               and not any(overrides.get(term.switch.name) for overrides in RUNS.values())]
     assert not missing, (f"no golden run switches on {missing}: add one to RUNS and pin it with "
                          "`python -m tests.test_golden --pin NAME`")
 

@@ -18,7 +18,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 BUILT_IN = {"repulsion": {"repulsion"}, "recon": {"recon_repulsion", "recon_attraction"},
             "contrastive": {"contrastive"}, "ewc": {"ewc"},
             "all": {"repulsion", "recon_repulsion", "recon_attraction", "contrastive"}}
-PLUGINS = {plugin.switch: plugin for plugin in terms.registered()}
+PLUGINS = {plugin.switch.name: plugin for plugin in terms.registered()}
 
 
 def mechanisms(space) -> set[str]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import functools
+import math
+import re
 import typing
 
 import pytest
@@ -12,9 +15,11 @@ import torch
 
 from search_spaces import EXAGGERATION_OFF
 from tune_bir import terms
-from tune_bir.config import BIRConfig
+from tune_bir.cli import add_config_flags
+from tune_bir.config import RUN_OUTPUT_FIELDS, BIRConfig
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
+from tune_bir.fields import field_name, flag_name
 from tune_bir.train import method_label
 
 BIR = dict(experiment="splitMNIST5k", replay="generative", brain_inspired=True, si=True, c=0.1, device="cpu",
@@ -22,17 +27,50 @@ BIR = dict(experiment="splitMNIST5k", replay="generative", brain_inspired=True, 
 
 
 # -- the built-in terms ------------------------------------------------------------------------------
-def test_builtin_terms_declare_existing_fields_of_the_right_types():
+def test_every_declared_field_is_a_config_field_with_its_type_default_help_and_flag():
+    # BIRConfig, its CLI flags and its type checks are derived from the declarations: each declared field of
+    # each registered plugin (built in or not) appears once, as declared
     hints = typing.get_type_hints(BIRConfig)
-    defaults = BIRConfig()
+    fields = {f.name: f for f in dataclasses.fields(BIRConfig)}
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    flags = {a.dest: a for a in parser._actions}
     for term in terms.registered():
-        assert hints[term.switch] is bool and getattr(defaults, term.switch) is False, term.switch
-        if term.weight_field:
-            assert hints[term.weight_field] is float, term.weight_field
-        for name in term.options:
-            assert name in hints, name
-        for name in term.sub_switches:
-            assert hints[name] is bool, name
+        assert term.switch.kind is bool and getattr(BIRConfig(), term.switch.name) is False, term.name
+        for declared in term.declared():
+            f = fields[declared.name]
+            assert hints[f.name] == declared.type and f.default == declared.default, f.name
+            assert f.metadata["help"] == declared.help and f.metadata.get("choices") == declared.choices, f.name
+            assert flag_name(f.name) in flags[f.name].option_strings, f.name
+            assert declared.help in flags[f.name].help, f.name
+    assert flag_name("ewc_lambda") == "--lambda" and field_name("--lambda") == "ewc_lambda"   # a declared flag
+    assert list(fields)[-len(RUN_OUTPUT_FIELDS):] == list(RUN_OUTPUT_FIELDS)   # outputs last, after the plugins'
+    assert len(terms.declared_fields()) == len({f.name for f in terms.declared_fields()})
+
+
+def test_a_shared_field_is_one_declaration_in_one_place():
+    plugins = {t.name: t for t in terms.registered()}
+    gate = {f.name: f for f in plugins["repulsion"].declared()}
+    assert all(gate[n] is f for f in plugins["recon_repulsion"].declared() for n in [f.name] if n in gate)
+    aver = [f for t in ("recon_repulsion", "recon_attraction") for f in plugins[t].declared()
+            if f.name == "recon_rep_aver"]
+    assert len(aver) == 2 and aver[0] is aver[1]
+
+
+RANGED = [f for f in terms.declared_fields() if f.minimum is not None or f.maximum is not None]
+
+
+@pytest.mark.parametrize("declared", RANGED, ids=lambda f: f.name)
+def test_every_declared_range_is_checked_in_one_line(declared):
+    # just outside the range (or not a finite number): refused by the field's own rule, whoever declares it
+    low, high = declared.minimum, declared.maximum
+    outside = low - 1 if low is not None and declared.minimum_inclusive else low if low is not None else high + 1
+    values = dict(BIR, **{declared.name: type(declared.default or declared.kind(0))(outside)})
+    with pytest.raises(ConfigError, match=f"^{flag_name(declared.name)} must be {re.escape(declared.rule())}, got"):
+        BIRConfig(**values).resolved()
+    if declared.kind is float:
+        with pytest.raises(ConfigError, match=f"^{flag_name(declared.name)} must be"):
+            BIRConfig(**dict(BIR, **{declared.name: math.nan})).resolved()
 
 
 def test_derived_lists_hold_the_ones_once_written_by_hand():

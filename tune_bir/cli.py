@@ -9,6 +9,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from tune_bir import terms
 from tune_bir.config import BIRConfig
 from tune_bir.errors import TuneBirError
 from tune_bir.fields import flag_name
@@ -26,11 +27,14 @@ def _field_type(annotation: Any) -> type:
     return args[0] if args else annotation
 
 
-def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per BIRConfig field (`--lamda-rep` for `lamda_rep`); absent flags stay absent."""
-    hints = typing.get_type_hints(BIRConfig)
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
+                     config: type | None = None) -> None:
+    """One flag per field of `config` (default BIRConfig; `--lamda-rep` for `lamda_rep`, a plugin's declared
+    `flag` where it has one); absent flags stay absent."""
+    config = BIRConfig if config is None else config
+    hints = typing.get_type_hints(config)
     group = parser.add_argument_group("run options (BIRConfig fields)")
-    for f in dataclasses.fields(BIRConfig):
+    for f in dataclasses.fields(config):
         if f.name in exclude:
             continue
         flag = flag_name(f.name)
@@ -50,8 +54,10 @@ def config_overrides(namespace: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI main; user errors become one line on stderr and exit code 2."""
+    """Run a CLI main; user errors become one line on stderr and exit code 2, and so does a plugin of another
+    package that cannot be loaded (`tune_bir.terms.registered`), before anything else."""
     try:
+        terms.registered()
         return main(argv)
     except TuneBirError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

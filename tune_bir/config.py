@@ -1,6 +1,9 @@
 """One dataclass with every flag of a run, the protocol table, the seed streams, and validation.
 
-The exaggeration terms' fields are declared by the term classes (`tune_bir.terms`), which also check them.
+`BIRConfig` is made here from the core fields, written out below, and the fields every registered plugin
+declares (`tune_bir.terms.declared_fields`: SI, EWC, the exaggeration terms, then the plugins of other
+installed packages), followed by the output fields: `make_config_class`. The plugins check their own fields
+(`tune_bir.terms.check_config`).
 
 Field names are the snake_case of the original research code's CLI flags
 (docs/algorithm.md "Defaults per protocol"); the same names are used by the CLI, JSON config files,
@@ -10,6 +13,7 @@ search spaces, Tune configs and MLflow.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
 import re
@@ -20,16 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from tune_bir import terms
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_integer, check_positive, field_name, flag_name  # noqa: F401 (re-exported)
 
 SCENARIOS = ("class", "task", "domain")
 REPLAY_MODES = ("none", "generative", "current", "offline")
 PRIORS = ("standard", "GMM")
-DIVERGENCE_NAMES = ("kl", "js", "js_ref")
-REP_TARGETS = ("prior", "sample", "class_mean")
-CONTR_GRAD_MODES = ("separate", "reference")
-AUX_DECODERS = ("random", "trained")
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
@@ -111,8 +112,9 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
 
 
 @dataclass
-class BIRConfig:
-    """Every option of one BI-R(+SI) run. `None` means: take the per-protocol default (resolve())."""
+class _CoreConfig:
+    """The fields of `BIRConfig` that no plugin declares, and all its methods (`make_config_class` adds the
+    plugins' fields and the output fields)."""
 
     # -- protocol
     experiment: str = _opt("splitMNIST5k", "protocol", choices=EXPERIMENTS)
@@ -156,53 +158,6 @@ class BIRConfig:
                         "MNIST, whose replayed space is the image)")
     distill: bool = _opt(False, "distillation: soft targets for replayed samples")
     temp: float = _opt(2.0, "distillation temperature (with --distill or --c-scores)")
-    # -- Synaptic Intelligence
-    si: bool = _opt(False, "Synaptic Intelligence")
-    c: float | None = _opt(None, "SI strength, with --si (default: SI-alone value of the protocol)")
-    epsilon: float = _opt(0.1, "SI damping (with --si)")
-    # -- Elastic Weight Consolidation (docs/algorithm.md "Elastic Weight Consolidation"; tune_bir/ewc.py)
-    ewc: bool = _opt(False, "Elastic Weight Consolidation: a Fisher-weighted quadratic penalty per finished task")
-    ewc_lambda: float = _opt(1.0, "EWC strength, with --ewc (the original's --lambda)")
-    fisher_n: int | None = _opt(None, "samples per Fisher estimate, with --ewc (default: all of the task's)")
-    online: bool = _opt(False, "online EWC: one running Fisher, decayed by --gamma (with --ewc)")
-    gamma: float = _opt(1.0, "online EWC's forgetting coefficient (with --ewc --online)")
-    emp_fi: bool = _opt(False, "empirical Fisher: the true labels instead of the model's most likely class "
-                        "(with --ewc)")
-    # -- exaggeration: distribution repulsion (docs/algorithm.md "Distribution repulsion")
-    repulsion: bool = _opt(False, "distribution-based repulsion of replayed memories")
-    lamda_rep: float = _opt(1e-6, "weight of the distribution repulsion")
-    kl_js: str = _opt("js", "divergence of the repulsion", choices=DIVERGENCE_NAMES)
-    use_rep_f: bool = _opt(False, "apply the repulsion-factor gate")
-    rep_f: float = _opt(20.0, "repulsion factor f")
-    n_rep: int = _opt(1, "competing neighbours per replayed sample (clamped per task)")
-    rep_target: str = _opt("prior", "what a replayed memory is pushed away from", choices=REP_TARGETS)
-    d_min: float = _opt(1e-3, "floor on divergences and distances inside inverse terms")
-    # -- exaggeration: reconstruction repulsion / attraction
-    # (docs/algorithm.md "Reconstruction repulsion and attraction")
-    recon_repulsion: bool = _opt(False, "reconstruction-based repulsion")
-    lamda_recon_rep: float = _opt(1e-6, "weight of the reconstruction repulsion")
-    recon_attraction: bool = _opt(False, "reconstruction-based attraction")
-    lamda_recon_atr: float = _opt(1e-6, "weight of the reconstruction attraction")
-    recon_rep_aver: bool = _opt(False, "class-mean targets for both reconstruction terms")
-    # -- exaggeration: contrastive replay (docs/algorithm.md "Supervised contrastive replay")
-    contrastive: bool = _opt(False, "supervised contrastive learning on replayed memories")
-    c_temp: float = _opt(1.0, "SupCon temperature")
-    c_lr: float = _opt(1e-8, "learning rate of the encoder optimiser of the contrastive loss")
-    c_drop: float = _opt(0.5, "dropout before the projection head")
-    c_scores: bool = _opt(False, "soft positives from the previous model's scores")
-    c_hard: bool = _opt(False, "hard-negative reweighting")
-    not_hidden: bool = _opt(False, "augmented-view baseline for contrastive runs (kept with --contrastive, where "
-                            "it changes nothing: the views are built anyway)")
-    lamda_contr: float = _opt(1.0, "weight of the contrastive loss")
-    contr_grad_mode: str = _opt("separate", "how the two optimisers share gradients",
-                                choices=CONTR_GRAD_MODES)
-    aux_decoder: str = _opt("random", "auxiliary decoder of the second view (CIFAR)", choices=AUX_DECODERS)
-    # -- outputs
-    pdf: bool = _opt(False, "write a PDF report")
-    visdom: bool = _opt(False, "accepted for --mlflow (live metrics in MLflow)")
-    mlflow: bool = _opt(False, "log the run live to MLflow")
-    results_dir: str = _opt("./results", "where the JSON record (and PDF) of a run go")
-    run_name: str | None = _opt(None, "name of the run's record (default: derived from the flags)")
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -271,17 +226,13 @@ class BIRConfig:
 
     def first_task_fields(self) -> dict[str, Any]:
         """The fields that determine what task 1 computes (everything but replay-only and output fields)."""
-        from tune_bir.terms import replay_only_fields
-
-        skip = set(replay_only_fields()) | set(OUTPUT_FIELDS)
+        skip = set(terms.replay_only_fields()) | set(OUTPUT_FIELDS)
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     @property
     def uses_exaggeration(self) -> bool:
         """Some exaggeration term is on (a control such as --not-hidden alone is not one)."""
-        from tune_bir.terms import uses_exaggeration
-
-        return uses_exaggeration(self)
+        return terms.uses_exaggeration(self)
 
     def resolved(self) -> BIRConfig:
         """Validate and fill every `None` with its per-protocol default; --brain-inspired sets its parts.
@@ -316,30 +267,65 @@ class BIRConfig:
         return cfg
 
 
+@dataclass
+class _OutputFields:
+    """The last fields of `BIRConfig`, after the plugins' (`OUTPUT_FIELDS`)."""
+
+    # -- outputs
+    pdf: bool = _opt(False, "write a PDF report")
+    visdom: bool = _opt(False, "accepted for --mlflow (live metrics in MLflow)")
+    mlflow: bool = _opt(False, "log the run live to MLflow")
+    results_dir: str = _opt("./results", "where the JSON record (and PDF) of a run go")
+    run_name: str | None = _opt(None, "name of the run's record (default: derived from the flags)")
+
+
+def make_config_class(plugins: tuple[type[terms.Plugin], ...] | None = None) -> type[_CoreConfig]:
+    """The `BIRConfig` dataclass of a set of plugins (default: the registered ones, `tune_bir.terms.loaded()`):
+    the core fields, every plugin's declared fields (`tune_bir.terms.declared_fields`), the output fields.
+
+    A plugin that declares a core field's name is a TypeError when `plugins` is given; among the registered
+    ones it is left out, and the registry reports it (`tune_bir.terms.refuse`) as the one-line error of
+    every command line.
+    """
+    own = {f.name for f in (*dataclasses.fields(_CoreConfig), *dataclasses.fields(_OutputFields))}
+    for plugin in (terms.loaded() if plugins is None else plugins):
+        clash = [name for name in plugin.fields() if name in own]
+        if clash and plugins is not None:
+            raise TypeError(f"{plugin.__name__} declares {clash[0]}, a core field of BIRConfig")
+        if clash:
+            terms.refuse(plugin, f"its field {clash[0]} is a core field of BIRConfig; rename it")
+    declared = [(f.name, f.type, field(default=f.default, metadata=f.metadata()))
+                for f in terms.declared_fields(plugins)]
+    outputs = [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+               for f in dataclasses.fields(_OutputFields)]
+    return dataclasses.make_dataclass(
+        "BIRConfig", [*declared, *outputs], bases=(_CoreConfig,),
+        namespace={"__module__": __name__, "__qualname__": "BIRConfig",
+                   "__doc__": "Every option of one BI-R(+SI) run. `None` means: take the per-protocol default "
+                              "(resolve())."})
+
+
+BIRConfig = make_config_class()
+
+
 _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _field_kinds() -> dict[str, tuple[type, bool]]:
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
     """Each field's value type (bool, int, float or str) and whether it may be None (take the default)."""
-    global _FIELD_KINDS
-    if _FIELD_KINDS is None:
-        hints = typing.get_type_hints(BIRConfig)
-        kinds = {}
-        for name, hint in hints.items():
-            args = typing.get_args(hint)
-            kind = next((a for a in args if a is not type(None)), hint) if args else hint
-            kinds[name] = (kind, type(None) in args)
-        _FIELD_KINDS = kinds
-    return _FIELD_KINDS
-
-
-_FIELD_KINDS: dict[str, tuple[type, bool]] | None = None
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        kind = next((a for a in args if a is not type(None)), hint) if args else hint
+        kinds[name] = (kind, type(None) in args)
+    return kinds
 
 
 def validate_types(cfg: BIRConfig) -> None:
     """Every field holds a value of its type (a JSON config file or a Tune config can hold anything): a switch
     is true or false (not "no"), a count an integer, a weight a number, a name a string."""
-    for name, (kind, optional) in _field_kinds().items():
+    for name, (kind, optional) in _field_kinds(type(cfg)).items():
         value = getattr(cfg, name)
         if value is None and optional:
             continue
@@ -394,7 +380,7 @@ def check_idle(given: BIRConfig, cfg: BIRConfig) -> None:
     The exaggeration terms' own options are checked on the command lines (`tune_bir.terms.idle_fields`):
     a sweep's baseline switches its terms off and keeps their options.
     """
-    default = {f.name: f.default for f in dataclasses.fields(BIRConfig)}
+    default = {f.name: f.default for f in dataclasses.fields(given)}
     generative = cfg.replay == "generative"
     if given.hidden and not given.brain_inspired and cfg.protocol_family != "CIFAR":
         raise ConfigError("--hidden (internal replay of conv features) acts on CIFAR-100 only: split MNIST has no "
@@ -441,9 +427,8 @@ def check_device(device: str) -> None:
 def validate_values(cfg: BIRConfig) -> None:
     """Ranges and combinations (docs/algorithm.md "Defaults per protocol"); raises ConfigError with a one-line
     reason."""
-    check_positive(cfg, "tasks", "iters", "batch", "batch_replay", "lr", "fc_units", "fc_layers", "z_dim",
-                   "temp", "epsilon")
-    check_positive(cfg, "c", "grad_clip", "segment_iters", allow_zero=True)
+    check_positive(cfg, "tasks", "iters", "batch", "batch_replay", "lr", "fc_units", "fc_layers", "z_dim", "temp")
+    check_positive(cfg, "grad_clip", "segment_iters", allow_zero=True)
     check_integer(cfg, "tasks", "iters", "batch", "batch_replay", "fc_units", "fc_layers", "z_dim",
                   "segment_iters", "seed")
     if cfg.fc_layers < 2:
@@ -469,7 +454,5 @@ def validate_values(cfg: BIRConfig) -> None:
                           "(or use --brain-inspired)")
     if cfg.replay != "none" and cfg.scenario != "class":
         raise ConfigError(f"--replay={cfg.replay} is implemented for --scenario=class only")
-    # the exaggeration terms' fields: derived from the term registry (tune_bir.terms), checked there
-    from tune_bir.terms import check_config
-
-    check_config(cfg)
+    # the plugins' fields (SI's, EWC's, the exaggeration terms'): their declared ranges and their own checks
+    terms.check_config(cfg)

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tune_bir.errors import ConfigError
-from tune_bir.fields import check_positive
+from tune_bir.fields import Field
 from tune_bir.plugin import Plugin, PluginContext, TaskInfo, register
 
 if TYPE_CHECKING:
@@ -51,23 +50,25 @@ class EWC(Plugin):
     depends on get a non-zero Fisher.
     """
 
-    name = switch = "ewc"
+    name = "ewc"
     label = "EWC"
-    weight_field = "ewc_lambda"
-    options = ("fisher_n", "online", "gamma", "emp_fi")
-    sub_switches = ("online", "emp_fi")        # off in a sweep's baseline, refused without --ewc
+    switch = Field.switch("ewc", "Elastic Weight Consolidation: a Fisher-weighted quadratic penalty per finished task")
+    # `--lambda`, the original's flag, is a Python keyword: the field is its `dest`
+    weight_field = Field.weight("ewc_lambda", 1.0, "EWC strength, with --ewc (the original's --lambda)",
+                                flag="--lambda")
+    options = (   # the bool ones (--online, --emp-fi) are off in a sweep's baseline and refused without --ewc
+        Field("fisher_n", int | None, None, "samples per Fisher estimate, with --ewc (default: all of the task's)",
+              minimum=1),
+        Field("online", bool, False, "online EWC: one running Fisher, decayed by --gamma (with --ewc)"),
+        Field("gamma", float, 1.0, "online EWC's forgetting coefficient (with --ewc --online)", minimum=0.0),
+        Field("emp_fi", bool, False, "empirical Fisher: the true labels instead of the model's most likely class "
+              "(with --ewc)"),
+    )
     off_in_baseline = True                     # `--space ewc` compares BI-R+SI+EWC with BI-R+SI
 
     @classmethod
     def from_config(cls, cfg: BIRConfig, context: PluginContext) -> EWC:
         return cls(context.model, cfg.ewc_lambda, cfg.fisher_n, cfg.online, cfg.gamma, cfg.emp_fi)
-
-    @classmethod
-    def check(cls, cfg: BIRConfig) -> None:
-        check_positive(cfg, "gamma", allow_zero=True)
-        if cfg.fisher_n is not None and (isinstance(cfg.fisher_n, bool) or not isinstance(cfg.fisher_n, int)
-                                         or cfg.fisher_n < 1):
-            raise ConfigError(f"--fisher-n must be an integer >= 1 (samples per Fisher estimate), got {cfg.fisher_n}")
 
     def __init__(self, model: BIRModel, weight: float, fisher_n: int | None, online: bool, gamma: float,
                  empirical: bool):

@@ -1,10 +1,11 @@
 """The built-in memory-exaggeration terms (docs/algorithm.md "Memory exaggeration"), one class each.
 
-Every term is a registered `tune_bir.plugin.ExaggerationTerm`: its class attributes declare its config
-fields, `from_config` builds it, and the engine calls its plugin hooks with the step's shared
-`ReplayBatch` (whose `ReplayState` is computed once, on first use). The additive terms return a scalar
-from `replay_loss` that the engine adds to the replay loss as `weight * value`; contrastive replay has its
-own head and optimiser, so it returns an `objective` and owns the optimiser step (`optimise`).
+Every term is a registered `tune_bir.plugin.ExaggerationTerm`: its class attributes name its config fields
+(declared once below, as `tune_bir.fields.Field`s; `BIRConfig` lists them in this order), `from_config` builds
+it, and the engine calls its plugin hooks with the step's shared `ReplayBatch` (whose `ReplayState` is computed
+once, on first use). The additive terms return a scalar from `replay_loss` that the engine adds to the replay
+loss as `weight * value`; contrastive replay has its own head and optimiser, so it returns an `objective` and
+owns the optimiser step (`optimise`).
 Everything is vectorised over the batch; invalid anchors are masked, an empty set gives exactly 0.
 """
 
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 from tune_bir import losses
 from tune_bir.augment import AuxDecoder, augment_cifar, augment_mnist
 from tune_bir.errors import ConfigError
-from tune_bir.fields import check_integer, check_positive
+from tune_bir.fields import Field
 from tune_bir.nets import adam, linear
 from tune_bir.plugin import ExaggerationTerm, LearnerStep, PluginContext, register
 from tune_bir.rng_state import restore_rng
@@ -30,6 +31,42 @@ if TYPE_CHECKING:
 
 PROJECTION_SIZE = 100
 BASE_TEMPERATURE = 0.07
+
+# The terms' config fields, each declared once (several are shared: the repulsion gate and floor by both repulsion
+# terms, the class-mean targets by both reconstruction terms, the auxiliary decoder by the contrastive views), in
+# the order `BIRConfig` lists them (docs/algorithm.md "Memory exaggeration").
+# -- distribution repulsion (docs/algorithm.md "Distribution repulsion")
+REPULSION = Field.switch("repulsion", "distribution-based repulsion of replayed memories")
+LAMDA_REP = Field.weight("lamda_rep", 1e-6, "weight of the distribution repulsion")
+KL_JS = Field("kl_js", str, "js", "divergence of the repulsion", choices=("kl", "js", "js_ref"))
+USE_REP_F = Field("use_rep_f", bool, False, "apply the repulsion-factor gate")
+REP_F = Field("rep_f", float, 20.0, "repulsion factor f")
+N_REP = Field("n_rep", int, 1, "competing neighbours per replayed sample (clamped per task)", minimum=1)
+REP_TARGET = Field("rep_target", str, "prior", "what a replayed memory is pushed away from",
+                   choices=("prior", "sample", "class_mean"))
+D_MIN = Field("d_min", float, 1e-3, "floor on divergences and distances inside inverse terms", minimum=0.0,
+              minimum_inclusive=False)
+# -- reconstruction repulsion / attraction (docs/algorithm.md "Reconstruction repulsion and attraction")
+RECON_REPULSION = Field.switch("recon_repulsion", "reconstruction-based repulsion")
+LAMDA_RECON_REP = Field.weight("lamda_recon_rep", 1e-6, "weight of the reconstruction repulsion")
+RECON_ATTRACTION = Field.switch("recon_attraction", "reconstruction-based attraction")
+LAMDA_RECON_ATR = Field.weight("lamda_recon_atr", 1e-6, "weight of the reconstruction attraction")
+RECON_REP_AVER = Field("recon_rep_aver", bool, False, "class-mean targets for both reconstruction terms")
+# -- contrastive replay (docs/algorithm.md "Supervised contrastive replay") and its not-hidden control
+CONTRASTIVE = Field.switch("contrastive", "supervised contrastive learning on replayed memories")
+C_TEMP = Field("c_temp", float, 1.0, "SupCon temperature", minimum=0.0, minimum_inclusive=False)
+C_LR = Field("c_lr", float, 1e-8, "learning rate of the encoder optimiser of the contrastive loss", minimum=0.0)
+C_DROP = Field("c_drop", float, 0.5, "dropout before the projection head", minimum=0.0, maximum=1.0,
+               maximum_inclusive=False)
+C_SCORES = Field("c_scores", bool, False, "soft positives from the previous model's scores")
+C_HARD = Field("c_hard", bool, False, "hard-negative reweighting")
+NOT_HIDDEN = Field.switch("not_hidden", "augmented-view baseline for contrastive runs (kept with --contrastive, "
+                          "where it changes nothing: the views are built anyway)")
+LAMDA_CONTR = Field.weight("lamda_contr", 1.0, "weight of the contrastive loss")
+CONTR_GRAD_MODE = Field("contr_grad_mode", str, "separate", "how the two optimisers share gradients",
+                        choices=("separate", "reference"))
+AUX_DECODER = Field("aux_decoder", str, "random", "auxiliary decoder of the second view (CIFAR)",
+                    choices=("random", "trained"))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,12 +87,10 @@ class _AdditiveTerm(ExaggerationTerm):
 class _GatedTerm(_AdditiveTerm):
     """The repulsion terms share the repulsion-factor gate and the divergence / distance floor."""
 
-    options = ("use_rep_f", "rep_f", "d_min")
-    sub_switches = ("use_rep_f",)
+    options = (USE_REP_F, REP_F, D_MIN)
 
     @classmethod
     def check(cls, cfg: BIRConfig) -> None:
-        check_positive(cfg, "d_min")
         if cfg.use_rep_f and cfg.rep_f <= 1:
             raise ConfigError(f"--rep-f must be > 1 with --use-rep-f (f <= 1 gates out every sample), "
                               f"got {cfg.rep_f}")
@@ -71,9 +106,9 @@ class DistributionRepulsion(_GatedTerm):
     competing class) | class_mean (moment-matched posterior of the competing class group).
     """
 
-    name = switch = "repulsion"
-    weight_field = "lamda_rep"
-    options = ("kl_js", "rep_target", "n_rep", *_GatedTerm.options)
+    name = "repulsion"
+    switch, weight_field = REPULSION, LAMDA_REP
+    options = (KL_JS, USE_REP_F, REP_F, N_REP, REP_TARGET, D_MIN)
 
     @classmethod
     def from_config(cls, cfg: BIRConfig, context: PluginContext) -> DistributionRepulsion:
@@ -82,9 +117,6 @@ class DistributionRepulsion(_GatedTerm):
     @classmethod
     def check(cls, cfg: BIRConfig) -> None:
         super().check(cfg)
-        check_integer(cfg, "n_rep")
-        if cfg.n_rep < 1:
-            raise ConfigError(f"--n-rep must be >= 1, got {cfg.n_rep}")
         if cfg.rep_target == "prior" and cfg.repulsion and cfg.prior != "GMM":
             raise ConfigError("--rep-target=prior needs the per-class GMM prior (--brain-inspired)")
 
@@ -135,7 +167,7 @@ class _ReconTarget:
 
     @classmethod
     def from_config(cls, cfg: BIRConfig, context: PluginContext) -> _ReconTarget:
-        return cls(getattr(cfg, cls.weight_field), cfg.recon_rep_aver, context.recon_loss, cfg.d_min)
+        return cls(getattr(cfg, cls.weight_field.name), cfg.recon_rep_aver, context.recon_loss, cfg.d_min)
 
     def _target(self, batch: ReplayBatch, classes: torch.Tensor) -> torch.Tensor:
         h = batch.h.detach()  # targets are constants; gradients flow through the reconstruction only
@@ -149,10 +181,9 @@ class ReconRepulsion(_ReconTarget, _GatedTerm):
     """Mean over anchors of 1 / max(R(target of the competing class, reconstruction), d_min)
     (docs/algorithm.md "Reconstruction repulsion and attraction")."""
 
-    name = switch = "recon_repulsion"
-    weight_field = "lamda_recon_rep"
-    options = ("recon_rep_aver", *_GatedTerm.options)
-    sub_switches = ("recon_rep_aver", *_GatedTerm.sub_switches)
+    name = "recon_repulsion"
+    switch, weight_field = RECON_REPULSION, LAMDA_RECON_REP
+    options = (RECON_REP_AVER, *_GatedTerm.options)
 
     def __call__(self, batch: ReplayBatch) -> torch.Tensor:
         if batch.state.competitors.shape[1] == 0:  # a single previous class: nothing to repel from
@@ -171,10 +202,9 @@ class ReconAttraction(_ReconTarget, _AdditiveTerm):
     """Mean over ALL replayed samples of R(target of the own class, reconstruction)
     (docs/algorithm.md "Reconstruction repulsion and attraction")."""
 
-    name = switch = "recon_attraction"
-    weight_field = "lamda_recon_atr"
-    options = ("recon_rep_aver",)
-    sub_switches = ("recon_rep_aver",)
+    name = "recon_attraction"
+    switch, weight_field = RECON_ATTRACTION, LAMDA_RECON_ATR
+    options = (RECON_REP_AVER,)
 
     def __call__(self, batch: ReplayBatch) -> torch.Tensor:
         return self.recon_loss(self._target(batch, batch.state.own), batch.recon).mean()
@@ -190,10 +220,9 @@ class ContrastiveReplay(ExaggerationTerm):
     (`NotHiddenViews`) the views are built exactly as for contrastive runs but nothing is trained on them.
     """
 
-    name = switch = "contrastive"
-    weight_field = "lamda_contr"
-    options = ("c_temp", "c_lr", "c_drop", "c_scores", "c_hard", "contr_grad_mode", "aux_decoder")
-    sub_switches = ("c_scores", "c_hard")
+    name = "contrastive"
+    switch, weight_field = CONTRASTIVE, LAMDA_CONTR
+    options = (C_TEMP, C_LR, C_DROP, C_SCORES, C_HARD, CONTR_GRAD_MODE, AUX_DECODER)
     train = True
 
     @classmethod
@@ -202,10 +231,6 @@ class ContrastiveReplay(ExaggerationTerm):
 
     @classmethod
     def check(cls, cfg: BIRConfig) -> None:
-        check_positive(cfg, "c_temp")
-        check_positive(cfg, "c_lr", allow_zero=True)
-        if not 0.0 <= cfg.c_drop < 1.0:
-            raise ConfigError(f"--c-drop must be in [0, 1), got {cfg.c_drop}")
         if cfg.c_scores and cfg.c_hard:
             raise ConfigError("--c-scores and --c-hard are alternatives; choose one")
         if cfg.aux_decoder != "random" and cfg.protocol_family != "CIFAR":
@@ -314,10 +339,9 @@ class NotHiddenViews(ContrastiveReplay):
     not an exaggeration: a sweep's baseline keeps it; with --contrastive on it adds nothing.
     """
 
-    name = switch = "not_hidden"
-    weight_field = None
-    options = ("aux_decoder",)
-    sub_switches = ()
+    name = "not_hidden"
+    switch, weight_field = NOT_HIDDEN, None
+    options = (AUX_DECODER,)
     off_in_baseline = False
     train = False
 

@@ -13,6 +13,10 @@ A plugin acts at named points of the training life cycle, in this order for ever
         after_step(grads)                      the gradients the main step used
     after_task(task)                           once, after the task's last step
 
+A plugin declares its config fields once, as `tune_bir.fields.Field` objects: `switch` turns it on, `weight_field`
+weights it, `options` act only through it (docs/extending.md "1. Its fields"). `BIRConfig`, the CLI flags and the
+validation are derived from them (`tune_bir.config.make_config_class`).
+
 `state_dict` / `load_state_dict` carry what a plugin keeps between steps in the engine's checkpoints.
 A plugin that has its own optimiser owns the step: its `optimise(main, own, step)` runs the backward
 passes and both optimisers itself, calling the `LearnerStep` parts (`after_backward`, `step`, `after_step`)
@@ -27,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from tune_bir.fields import FLAG_ALIASES, Field
 
 if TYPE_CHECKING:
     import torch
@@ -78,11 +84,10 @@ class Plugin:
 
     # -- declaration
     name: ClassVar[str]                                  # loss/<name> in the metrics; its state's key
-    switch: ClassVar[str]                                # bool config field that turns the plugin on
+    switch: ClassVar[Field]                              # the bool field that turns the plugin on
     label: ClassVar[str | None] = None                   # part of the method label (None: the name)
-    weight_field: ClassVar[str | None] = None            # float config field weighting it (>= 0)
-    options: ClassVar[tuple[str, ...]] = ()              # further fields that act only through this plugin
-    sub_switches: ClassVar[tuple[str, ...]] = ()         # boolean options: off in a sweep's baseline
+    weight_field: ClassVar[Field | None] = None          # the float field weighting it (>= 0)
+    options: ClassVar[tuple[Field, ...]] = ()            # further fields that act only through this plugin
     acts_on_replay: ClassVar[bool] = False               # True: acts from task 2 on, on replayed memories only
     off_in_baseline: ClassVar[bool] = False              # True: what a sweep compares (off in its baseline)
 
@@ -96,12 +101,24 @@ class Plugin:
 
     @classmethod
     def check(cls, cfg: BIRConfig) -> None:
-        """ConfigErrors for this plugin's own fields; called for every config, with the plugin on or off."""
+        """ConfigErrors for this plugin's own fields beyond their declared ranges (e.g. combinations); called
+        for every config, with the plugin on or off."""
+
+    @classmethod
+    def declared(cls) -> tuple[Field, ...]:
+        """Every config field the plugin declares: switch, weight, options (a field shared with another
+        plugin is the same `Field` object in both)."""
+        return tuple({id(f): f for f in (cls.switch, cls.weight_field, *cls.options) if f is not None}.values())
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
-        """Every config field the plugin declares: switch, weight, options."""
-        return tuple(dict.fromkeys(f for f in (cls.switch, cls.weight_field, *cls.options) if f))
+        """The names of `declared()`."""
+        return tuple(f.name for f in cls.declared())
+
+    @classmethod
+    def sub_switches(cls) -> tuple[str, ...]:
+        """Its boolean options: off in a sweep's baseline, refused without one of the plugins declaring them."""
+        return tuple(f.name for f in cls.options if f.kind is bool)
 
     @classmethod
     def method_label(cls) -> str:
@@ -174,24 +191,52 @@ _REGISTRY: dict[str, type[Plugin]] = {}
 
 
 def register(cls: type[Plugin]) -> type[Plugin]:
-    """Class decorator: add a plugin to the registry (its name and switch must be new); `tune_bir.terms`
-    derives everything else from it."""
-    for attr in ("name", "switch"):
-        if not isinstance(getattr(cls, attr, None), str):
-            raise TypeError(f"{cls.__name__} must declare `{attr}` as a class attribute")
-    if not set(cls.sub_switches) <= set(cls.options):
-        raise TypeError(f"{cls.__name__}: sub_switches must be among its options")
+    """Class decorator: add a plugin to the registry; `tune_bir.terms` derives everything else from it.
+
+    Its name and switch must be new, and so must every field it declares, unless it is the very `Field` object
+    another plugin declares (a shared option, e.g. the repulsion gate). Raises TypeError naming the clash.
+    """
+    if not isinstance(getattr(cls, "name", None), str):
+        raise TypeError(f"{cls.__name__} must declare `name` as a class attribute (a string)")
+    for attr in ("switch", "weight_field"):
+        value = getattr(cls, attr, None)
+        if value is not None and not isinstance(value, Field) or (attr == "switch" and value is None):
+            raise TypeError(f"{cls.__name__}: `{attr}` must be a tune_bir.fields.Field, got {value!r}")
+    if not isinstance(cls.options, tuple) or not all(isinstance(f, Field) for f in cls.options):
+        raise TypeError(f"{cls.__name__}: `options` must be a tuple of tune_bir.fields.Field")
+    if cls.switch.kind is not bool or cls.switch.default is not False:
+        raise TypeError(f"{cls.__name__}: its switch {cls.switch.name} must be a bool field off by default")
+    if cls.weight_field is not None and (cls.weight_field.kind is not float or cls.weight_field.minimum is None):
+        raise TypeError(f"{cls.__name__}: its weight {cls.weight_field.name} must be a float field with a minimum "
+                        "(Field.weight)")
+    names = [f.name for f in cls.declared()]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__} declares two different fields named "
+                        f"{next(n for n in names if names.count(n) > 1)}")
     for other in _REGISTRY.values():
-        if other is not cls and (other.name == cls.name or other.switch == cls.switch):
-            raise ValueError(f"{cls.__name__}: a plugin named {cls.name!r} / switched by {cls.switch!r} exists "
-                             f"({other.__name__})")
+        if other is cls:
+            continue
+        if other.name == cls.name or other.switch.name == cls.switch.name:
+            raise TypeError(f"{cls.__name__}: a plugin named {cls.name!r} / switched by {cls.switch.name!r} exists "
+                            f"({other.__name__})")
+        theirs = {f.name: f for f in other.declared()}
+        for mine in cls.declared():
+            if mine.name in theirs and theirs[mine.name] is not mine:
+                raise TypeError(f"{cls.__name__}: field {mine.name} is declared by {other.__name__} already (to "
+                                "share it, list that plugin's Field object)")
     _REGISTRY[cls.name] = cls
+    FLAG_ALIASES.update({f.name: f.flag for f in cls.declared() if f.flag})
     return cls
 
 
 def unregister(name: str) -> None:
     """Remove a plugin (tests that register toy plugins)."""
-    _REGISTRY.pop(name, None)
+    cls = _REGISTRY.pop(name, None)
+    if cls is not None:
+        kept = {f.name for other in _REGISTRY.values() for f in other.declared()}
+        for f in cls.declared():
+            if f.flag and f.name not in kept:
+                FLAG_ALIASES.pop(f.name, None)
 
 
 def registry() -> tuple[type[Plugin], ...]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from tune_bir.fields import Field
 from tune_bir.plugin import Plugin, PluginContext, TaskInfo, register
 
 if TYPE_CHECKING:
@@ -147,8 +148,15 @@ class SIPlugin(Plugin):
     optimiser step, consolidation at the end of each task, the penalty's gradient added after the backward pass
     (the same update as adding `c * penalty` to the loss, without its autograd graph)."""
 
-    name = switch = "si"
+    name = "si"
     label = "SI"
+    switch = Field.switch("si", "Synaptic Intelligence")
+    options = (
+        # None: the SI-alone value of the protocol (`tune_bir.config.SI_C_DEFAULTS`, filled in by resolve())
+        Field("c", float | None, None, "SI strength, with --si (default: SI-alone value of the protocol)",
+              minimum=0.0),
+        Field("epsilon", float, 0.1, "SI damping (with --si)", minimum=0.0, minimum_inclusive=False),
+    )
 
     @classmethod
     def from_config(cls, cfg: BIRConfig, context: PluginContext) -> SIPlugin:

@@ -42,8 +42,9 @@ def config_from_args(argv: list[str] | None) -> BIRConfig:
     args = build_parser().parse_args(argv)
     values: dict[str, Any] = BIRConfig.from_json(args.config) if args.config else {}
     values |= config_overrides(args)
-    cfg = BIRConfig.from_dict(values).resolved()
-    check_idle_fields(cfg)   # a term's weight or option without the term would change nothing
+    given = BIRConfig.from_dict(values)
+    cfg = given.resolved()
+    check_idle_fields(given)   # a plugin's weight or option given without the plugin would change nothing
     if cfg.segment_iters:
         raise ConfigError("--segment-iters cuts a sweep's trials into Tune steps; a single run trains whole tasks: "
                           "drop it")
