@@ -1,24 +1,27 @@
-"""docs/extending.md's worked example runs: its fields, its class and its search space, taken from the page itself,
-registered, present in every derived list, and used in a 2-task run (a zero weight changes nothing)."""
+"""docs/extending.md's worked example runs: its class (which declares its fields) and its search space, taken from
+the page itself, registered, its fields in BIRConfig, its flags and its checks, present in every derived list,
+and used in a 2-task run (a zero weight changes nothing)."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import re
-import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import tune_bir.config
 from search_spaces import EXAGGERATION_OFF
 from tune_bir import terms
-from tune_bir.config import BIRConfig
+from tune_bir.cli import add_config_flags
+from tune_bir.config import BIRConfig, make_config_class
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
+from tune_bir.fields import flag_name
 from tune_bir.train import format_losses, method_label
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
@@ -32,17 +35,38 @@ def blocks(language: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def example():
-    """The page's config fields (in a BIRConfig subclass: a real plugin adds them to BIRConfig) and its class,
-    executed as the page gives them, and the class registered."""
-    fields, plugin = blocks("python")[:2]
-    namespace = vars(tune_bir.config) | {"dataclass": dataclasses.dataclass}
-    exec(f"@dataclass\nclass ExampleConfig(BIRConfig):\n{textwrap.indent(textwrap.dedent(fields), '    ')}",
-         namespace)
-    exec("import torch\nfrom tune_bir.exaggeration import _AdditiveTerm, masked_mean\n"
-         "from tune_bir.plugin import PluginContext, register\nfrom tune_bir.replay_batch import ReplayBatch\n"
-         "from tune_bir.errors import ConfigError\n" + plugin, namespace)
-    yield namespace["ExampleConfig"], namespace["LatentPull"]
-    terms.unregister(namespace["LatentPull"].name)
+    """The page's class, executed as the page gives it and registered, and the config class made with it (as
+    `BIRConfig` is made when the class is registered before `tune_bir.config` is imported: a built-in module or
+    an entry point)."""
+    plugin = blocks("python")[0]
+    namespace = {"__name__": "latent_pull_example"}
+    exec("import torch\nfrom tune_bir.config import BIRConfig\nfrom tune_bir.exaggeration import _AdditiveTerm\n"
+         "from tune_bir.fields import Field\nfrom tune_bir.plugin import PluginContext, register\n"
+         "from tune_bir.replay_batch import ReplayBatch\nfrom tune_bir.errors import ConfigError\n" + plugin, namespace)
+    try:
+        yield make_config_class(), namespace["LatentPull"]
+    finally:
+        terms.unregister(namespace["LatentPull"].name)
+
+
+def test_the_examples_fields_are_config_fields_flags_and_checks(example):
+    config, cls = example
+    assert cls.fields() == ("latent_pull", "lamda_pull", "pull_l1") and cls.sub_switches() == ("pull_l1",)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(config)
+    # after the built-in plugins' fields, before the output fields (the last five); the others as they were
+    before = BIRConfig.field_names()
+    assert list(fields) == [*before[:-5], *cls.fields(), *before[-5:]]
+    for declared in cls.declared():
+        assert (hints[declared.name], fields[declared.name].default) == (declared.type, declared.default)
+        assert fields[declared.name].metadata["help"] == declared.help
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, config=config)
+    args = parser.parse_args(["--latent-pull", "--lamda-pull", "3", "--pull-l1"])
+    assert (args.latent_pull, args.lamda_pull, args.pull_l1) == (True, 3.0, True)
+    assert flag_name("lamda_pull") == "--lamda-pull"
+    with pytest.raises(ConfigError, match="--lamda-pull must be a number, got 'x'"):
+        config(**BIR, latent_pull=True, lamda_pull="x").resolved()
 
 
 def test_the_example_appears_in_every_derived_list(example):
@@ -50,15 +74,15 @@ def test_the_example_appears_in_every_derived_list(example):
     assert terms.registered()[-1] is cls   # after the built-in plugins
     assert set(cls.fields()) <= set(terms.replay_only_fields())
     assert not set(cls.fields()) & set(config(**BIR).first_task_fields())
-    assert EXAGGERATION_OFF[cls.switch] is False and all(EXAGGERATION_OFF[s] is False for s in cls.sub_switches)
+    assert EXAGGERATION_OFF[cls.switch.name] is False and all(EXAGGERATION_OFF[s] is False for s in cls.sub_switches())
     assert method_label(config(**BIR, latent_pull=True).resolved()) == "BI-R+SI+latent_pull"
     assert config(**BIR, latent_pull=True).resolved().uses_exaggeration
     with pytest.raises(ConfigError, match="--latent-pull acts on replayed memories"):
         config(experiment="splitMNIST5k", latent_pull=True).resolved()
     with pytest.raises(ConfigError, match="--lamda-pull must be >= 0"):
         config(**BIR, latent_pull=True, lamda_pull=-1.0).resolved()
-    with pytest.raises(ConfigError, match=f"{cls.sub_switches[0].replace('_', '-')} needs --latent-pull"):
-        config(**BIR, **{cls.sub_switches[0]: True}).resolved()
+    with pytest.raises(ConfigError, match="--pull-l1 needs --latent-pull"):
+        config(**BIR, pull_l1=True).resolved()
     with pytest.raises(ConfigError, match="--latent-pull needs the per-class GMM prior"):
         config(**(BIR | dict(brain_inspired=False, feedback=True)), latent_pull=True).resolved()
 
@@ -67,7 +91,7 @@ def test_the_example_space_searches_the_example_only(example):
     # (the sweep checks a space's names against BIRConfig, which this test's fields are not part of)
     _, cls = example
     space = yaml.safe_load(blocks("yaml")[0])
-    assert space["fixed"] == {cls.switch: True} and set(space["params"]) <= set(cls.fields())
+    assert space["fixed"] == {cls.switch.name: True} and set(space["params"]) <= set(cls.fields())
 
 
 def _trained(cfg: BIRConfig) -> tuple[Engine, dict]:
@@ -81,7 +105,7 @@ def test_the_example_trains_and_a_zero_weight_changes_nothing(example):
     baseline, _ = _trained(config(**BIR))
     zero, zero_metrics = _trained(config(**BIR, latent_pull=True, lamda_pull=0.0))
     pulled, pulled_metrics = _trained(config(**BIR, latent_pull=True, lamda_pull=100.0,
-                                             **{cls.sub_switches[0]: True}))
+                                             pull_l1=True))
     assert zero_metrics["loss/latent_pull"] > 0 and pulled_metrics["loss/latent_pull"] > 0
     assert "plugins: si " in format_losses(pulled_metrics, ("si", "latent_pull"))
     assert "latent_pull" in format_losses(pulled_metrics, ("si", "latent_pull")).partition(" | ")[2]
