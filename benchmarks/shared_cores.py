@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 # the command line as it was before tune_bir.cpu: no OMP_WAIT_POLICY (OpenMP's spinning default) and one
 # thread per core (torch's default); the rest is the real `python -m tune_bir.train`
-BEFORE = ("import runpy, tune_bir.cpu as cpu; cpu.quiet_waits = lambda: None; "
-          "runpy.run_module('tune_bir.train', run_name='__main__', alter_sys=True)")
+BEFORE = "import runpy; runpy.run_module('tune_bir.train', run_name='__main__', alter_sys=True)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,12 +24,43 @@ def _python(code: str, **env: str) -> str:
                           timeout=120, check=True).stdout.strip()
 
 
-def test_the_command_lines_import_no_torch_before_main_sets_the_wait_policy():
-    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: a module-level `import torch` in a CLI (or in
-    # anything it imports) would make quiet_waits() a no-op
-    out = _python("import sys, tune_bir.train, tune_bir.pretrain, tune_bir.sweep.driver, tune_bir.cpu as c; "
-                  "print('torch' in sys.modules); c.quiet_waits(); import os; print(os.environ['OMP_WAIT_POLICY'])")
-    assert out.splitlines() == ["False", "PASSIVE"]
+# Loaded first by a child's interpreter (sitecustomize, on PYTHONPATH): notes OMP_WAIT_POLICY as it is when torch
+# starts to load, i.e. what OpenMP will read, then gets out of the way.
+_WATCH_TORCH_IMPORT = """
+import importlib.abc, os, sys
+
+class _FirstTorchImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            with open(os.environ["TORCH_IMPORT_NOTE"], "w") as note:
+                note.write(str(os.environ.get("OMP_WAIT_POLICY")))
+        return None
+
+sys.meta_path.insert(0, _FirstTorchImport())
+"""
+
+
+@pytest.mark.parametrize("command", [["tune_bir.train", "--iters=-1"],
+                                     ["tune_bir.sweep", "--iters", "-1", "--num-cpus", "1"],
+                                     ["tune_bir.pretrain", "--epochs", "0"]],
+                         ids=lambda c: c[0])
+def test_every_command_line_sets_the_wait_policy_before_torch_loads(tmp_path, command):
+    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it, and a command's imports load torch (its config class
+    # is built from the plugins): the policy must already be set then. Each command is refused (exit 2) after it
+    # has loaded torch to build its config.
+    (tmp_path / "sitecustomize.py").write_text(_WATCH_TORCH_IMPORT)
+    note = tmp_path / "note"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean | {"PYTHONPATH": str(tmp_path), "TORCH_IMPORT_NOTE": str(note)})
+    assert done.returncode == 2, done.stderr
+    assert note.read_text() == "PASSIVE"
+
+
+def test_importing_the_package_as_a_library_sets_no_wait_policy():
+    assert _python("import sys, tune_bir.train, tune_bir.cpu, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+                   ) == "None"
 
 
 def test_a_wait_policy_the_user_set_wins_and_nothing_changes_once_torch_is_loaded():

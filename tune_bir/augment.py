@@ -48,9 +48,13 @@ def random_resized_crop(x: torch.Tensor, p: float, scale: tuple[float, float],
     x0 = (torch.rand(n, generator=rng, device=dev) * (W - w + 1)).floor()
     y0 = (torch.rand(n, generator=rng, device=dev) * (H - h + 1)).floor()
     apply = _bernoulli(n, p, rng, dev)
-    # on the CPU only the samples it crops (half of them: a third of a contrastive step's extra time); on a GPU
-    # the whole batch, since picking samples would need their count on the host (a synchronisation)
-    return crop_where(x, _boxes(x0, y0, w, h), apply, only_chosen=dev.type == "cpu")
+    return crop_where(x, _boxes(x0, y0, w, h), apply, only_chosen=crops_only_chosen(dev))
+
+
+def crops_only_chosen(device: torch.device) -> bool:
+    """On the CPU only the samples to crop are cropped (half of them: a third of a contrastive step's extra time);
+    on a GPU the whole batch, since picking samples needs their count on the host (a synchronisation)."""
+    return device.type == "cpu"
 
 
 def crop_where(x: torch.Tensor, boxes: torch.Tensor, apply: torch.Tensor, only_chosen: bool) -> torch.Tensor:

@@ -4,8 +4,9 @@ Left alone, every torch process starts one OpenMP thread per core, and OpenMP th
 a parallel region spin for a while before they sleep. Two runs on a 2-core machine then keep 4 threads busy
 on 2 cores, each spinning thread burns the time slice its partner needs, and both runs take many times
 longer than one alone. The command lines therefore (1) set `OMP_WAIT_POLICY=PASSIVE` before torch loads
-OpenMP (waiting threads sleep at once; a value the user set wins) and (2) train with `--threads` threads,
-by default a fair share of the cores: `$OMP_NUM_THREADS` when set (a Ray trial's worker gets 1), else half the
+OpenMP (waiting threads sleep at once; a value the user set wins; `tune_bir/__init__.py` does it for every
+`python -m` command line, the one point that runs before a command's imports) and (2) train with `--threads`
+threads, by default a fair share of the cores: `$OMP_NUM_THREADS` when set (a Ray trial's worker gets 1), else half the
 usable cores, at least 1. `benchmarks/shared_cores.py` measures what this buys (README "Benchmarks").
 """
 

@@ -67,9 +67,6 @@ def symmetric_pad(x, pad: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tune_bir.cpu import quiet_waits
-
-    quiet_waits()   # before torch loads OpenMP: a run that shares its cores must not spin on them (tune_bir.cpu)
     args = build_parser().parse_args(argv)
     check_args(args)
     import kornia.augmentation as K

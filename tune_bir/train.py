@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tune_bir.cli import OneLineArgumentParser, add_config_flags, config_overrides, run_main
 from tune_bir.config import BIRConfig
-from tune_bir.cpu import cpu_threads, quiet_waits
+from tune_bir.cpu import cpu_threads
 from tune_bir.errors import ConfigError
 from tune_bir.fields import check_creatable_folder
 from tune_bir.record import cpu_fingerprint, git_commit, package_versions
@@ -100,7 +100,6 @@ def check_outputs(cfg: BIRConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_waits()   # before torch loads OpenMP: runs that share cores must not spin on them (tune_bir.cpu)
     cfg = config_from_args(argv)
     threads = build_parser().parse_args(argv).threads
     if threads < 0:

@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return then_confirm(argv)
     if is_chosen_confirmation(args):
         import confirmation
-        from tune_bir.cpu import quiet_waits
 
-        quiet_waits()   # before torch loads OpenMP (tune_bir.cpu)
         return confirmation.main(argv)
     return driver.main(argv)
 
@@ -39,7 +37,6 @@ def then_confirm(argv: list[str]) -> int:
     import analysis.__main__ as analysis_cli
     import confirmation
     from confirmation.plan import check_design_options
-    from tune_bir.cpu import quiet_waits
     from tune_bir.sweep.summary import print_summary
 
     args = build_parser().parse_args(argv)
@@ -57,7 +54,6 @@ def then_confirm(argv: list[str]) -> int:
         raise ConfigError("--then-confirm needs --margin D, the equivalence margin of its sequential confirmation, "
                           "in units of acc_avg (e.g. 0.005)")
     check_design_options(options.alpha, options.margin, options.max_seeds, options.looks)
-    quiet_waits()   # before torch loads OpenMP (tune_bir.cpu)
     outcome = driver.run_sweep(argv)
     print_summary(outcome)
     if outcome.interrupted:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-from tune_bir.cpu import quiet_waits
 from tune_bir.sweep.plan import (
     SweepOptions,
     SweepPlan,
@@ -86,7 +85,6 @@ def _run(plan: SweepPlan, connection: SweepOptions, resumed: bool) -> SweepOutco
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_waits()   # before torch loads OpenMP; local Ray workers inherit it (tune_bir.cpu)
     args = build_parser().parse_args(argv)
     if args.confirm:
         from tune_bir.sweep.confirm import print_confirmation, run_confirmation
