@@ -11,10 +11,16 @@ Two comparisons:
   same runs move on another CPU (the tolerance must absorb it 10 times over) and how far a real change of the
   engine moves them (it must be caught). Design: keep the runs (fp32, 150 steps; fewer steps would test less
   of replay, float64 would pin a path the engine never trains on) and tolerate, per kind:
-  - losses, probabilities, stats (continuous): rtol 3e-4, 10x the largest drift known between two CPUs (an
-    Intel Xeon with AVX-512 and AMX against the AMD EPYC that wrote the file: 2.9e-5 relative,
-    loss/variational_replay, task 5; issue #18); atol 1e-9 only so that an exact 0 may stay near 0 (floats
-    drift relatively: a tiny loss such as loss/repulsion, ~3e-5, must keep its rtol);
+  - losses, stats (continuous): rtol 5e-4. It must be over 10x the largest drift measured, 3.2e-5 relative
+    (repulsion_kl, loss/variational_replay, task 4, under the avx2 cap on an Intel Xeon; between the Intel
+    Xeon of issue #18 and the AMD EPYC that wrote the file, 2.9e-5), and under what the weakest mutation
+    moves, 7.8e-4 to 9.6e-4 (lamda_rep +1 % on repulsion_kl, loss/si, task 5, on the Intel and the AMD CPU):
+    5e-4 is the geometric middle, 1.6 times inside either bound. atol 1e-9 only so that an exact 0 may stay
+    near 0 (floats drift relatively: a tiny loss such as loss/repulsion, ~3e-5, must keep its rtol);
+  - probabilities (prob_avg, val_prob_avg): rtol 1e-3, over 10x their largest drift, 6.1e-5 relative
+    (repulsion_kl, val_prob_avg, task 5, under the default cap on the Intel Xeon: in that run the mean
+    probability of the true class moves about four times as far as any loss, 1.6e-5); the losses carry
+    the sensitivity;
   - accuracies: one image (1.01/80, one of a task's 80 validation images). An accuracy is a count: it does
     not drift, it flips, when an image near a decision boundary changes class under other rounding; the
     continuous metrics carry the sensitivity;
@@ -24,17 +30,23 @@ Two comparisons:
   values on the kind that wrote the file). Measured on the AMD EPYC (Zen 5, AVX-512) that
   wrote the file, 2 threads, largest relative change: default (no SIMD; MKL SSE4_2, oneDNN SSE41) 1.6e-5
   (repulsion_rep_f loss/repulsion, 0.053 tolerances), every other run <= 1.8e-6; avx2 <= 2.3e-7; avx512
-  0 (bit-identical: the native level); no accuracy flipped. MKL_CBWR=COMPATIBLE is a larger change than any
-  instruction-set cap (MKL then takes other algorithms, not only narrower vectors): <= 3.6e-5 (0.12
-  tolerances) in 9 runs, but contrastive_separate goes another way from task 4 (two validation images flip,
-  loss/si 1.1e-3 relative, 3.7 tolerances); it is measured here, not tested.
+  0 (bit-identical: the native level); no accuracy flipped. On an Intel Xeon (AVX-512 with FP16 and BF16,
+  AMX; 2 threads), against its native run: default 6.1e-5 (repulsion_kl val_prob_avg, task 5; 0.20 of the
+  3e-4 the probabilities had before), avx2 3.6e-5 (the same metric, task 4) and 3.2e-5 (loss/
+  variational_replay); every other run <= 1.3e-5 (repulsion_rep_f loss/recon_current); the native Intel runs
+  are within 0.034 of the old tolerances of the AMD-written file (repulsion_rep_f loss/repulsion), every
+  other run within 0.006. repulsion_kl (lamda_rep 290) drifts furthest: the strong weight that lets 1 % of
+  it show also carries rounding further. MKL_CBWR=COMPATIBLE is a larger change than any
+  instruction-set cap (MKL then takes other algorithms, not only narrower vectors): <= 3.6e-5 (0.12 of the
+  old 3e-4) in 9 runs, but contrastive_separate goes another way from task 4 (two validation images flip,
+  loss/si 1.1e-3 relative); it is measured here, not tested.
 - Sensitivity (test_golden_comparison_catches_a_changed_engine): every mutation of MUTATIONS (each
   exaggeration weight +1 %, a replay term dropped from the gradient, a term's gradient sign flipped, SI's c
-  +1 %), patched into the engine, fails the comparison. Measured (all tasks run), worst metric in
-  tolerances: lamda_rep +1 % 3.2 (repulsion_kl, loss/si, task 5; in repulsion_js, lamda_rep 10, the term
-  is 1e-4 of the loss and its 1 % moves nothing by more than the cross-CPU drift, so the test mutates the
-  run with the strongest weight), lamda_recon_atr +1 % 12.8, lamda_contr +1 % 31, SI c +1 % 33,
-  lamda_recon_rep +1 % 331; the dropped and flipped terms 210 to inf.
+  +1 %), patched into the engine, fails the comparison. Measured (all tasks run, on the Intel Xeon against
+  the AMD-written file), worst metric in tolerances: lamda_rep +1 % 1.55 (repulsion_kl, loss/si, task 5; in
+  repulsion_js, lamda_rep 10, the term is 1e-4 of the loss and its 1 % moves nothing by more than the
+  cross-CPU drift, so the test mutates the run with the strongest weight), lamda_recon_atr +1 % 7.7,
+  lamda_contr +1 % 19, SI c +1 % 20, lamda_recon_rep +1 % 199; the dropped and flipped terms 126 to inf.
 
 Regenerate the file (only when a change of results is intended, and say so in the commit); it records the
 CPU that wrote it:
@@ -97,9 +109,9 @@ RUNS: dict[str, dict[str, Any]] = {
 TOLERANCES: dict[str, tuple[float, float]] = {
     "count": (0.0, 0.0),            # task, iters_done
     "accuracy": (0.0, 1.01 / 80),   # acc_*, val_acc_*, bwt, forgetting_avg and their val_ versions: one image
-    "probability": (3e-4, 1e-9),    # prob_avg, val_prob_avg
-    "loss": (3e-4, 1e-9),           # loss/<name>
-    "stats": (3e-4, 1e-9),          # stats/<name>
+    "probability": (1e-3, 1e-9),    # prob_avg, val_prob_avg
+    "loss": (5e-4, 1e-9),           # loss/<name>
+    "stats": (5e-4, 1e-9),          # stats/<name>
 }
 
 
