@@ -73,8 +73,7 @@ EXPERIMENTS = tuple(name for name, spec in PROTOCOLS.items() if spec.continual) 
 def label_permutation(experiment: str, seed: int) -> np.ndarray:
     """perm with new label = perm[original label] (docs/algorithm.md "Class order"), drawn without the global RNG.
 
-    Here, not in tune_bir.data, so that the records and the confirmation can name a class order without
-    importing torch (a bad command line is refused before the seconds that takes)."""
+    Here, beside the protocols it reads: numpy only, so tune_bir.data, the records and the confirmation share it."""
     spec = PROTOCOLS[experiment]
     if spec.permute == "always" or (spec.permute == "seed>=10" and seed >= 10):
         # same numbers as the reference's first np.random.permutation after np.random.seed(seed)
