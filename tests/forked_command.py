@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.process
 import os
 import runpy
 import sys
@@ -28,8 +29,10 @@ def context() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def run_module(module: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """In the forked process: what `python -m module *argv` does, in `cwd` under `env`, output to files."""
+def run_module(module: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, status: str
+               ) -> None:
+    """In the forked process: what `python -m module *argv` does, in `cwd` under `env`, output to files, its exit
+    code written to the file `status` as it exits (`exit_code` reads it)."""
     os.setsid()   # a session of its own: whatever the command starts (a Ray it should not have) is stopped with it
     os.chdir(cwd)
     os.environ.clear()
@@ -56,4 +59,17 @@ def run_module(module: str, argv: list[str], cwd: str, env: dict[str, str], out:
     atexit._run_exitfuncs()   # the interpreter's exit, then no more: os._exit skips the fork server's handlers
     sys.stdout.flush()
     sys.stderr.flush()
+    with open(status, "w") as file:
+        file.write(str(code))
     os._exit(code)
+
+
+def exit_code(process: multiprocessing.process.BaseProcess, status: str) -> int | None:
+    """The exit code of a `run_module` process that has ended: the one it wrote, else (killed before it could write
+    one) the fork server's. The fork server's alone is not enough: under load its SIGCHLD handling can lose a
+    child's status and report 255 for a command that exited 2 (python/cpython#140867, seen in this suite's CI)."""
+    try:
+        with open(status) as file:
+            return int(file.read())
+    except (FileNotFoundError, ValueError):
+        return process.exitcode

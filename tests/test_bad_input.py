@@ -574,8 +574,9 @@ def _run(c: Case, cwd: Path, cache: Path, forked: bool = True) -> Outcome:
     start = time.monotonic()
     if forked:
         out, err = cwd.parent / f"{cwd.name}.stdout", cwd.parent / f"{cwd.name}.stderr"
+        status = cwd.parent / f"{cwd.name}.status"
         proc = forked_command.context().Process(target=forked_command.run_module,
-                                                args=(c.module, argv, str(cwd), env, str(out), str(err)))
+                                                args=(c.module, argv, str(cwd), env, str(out), str(err), str(status)))
         proc.start()
         proc.join(TIMEOUT_S)
         hung = proc.exitcode is None
@@ -583,7 +584,7 @@ def _run(c: Case, cwd: Path, cache: Path, forked: bool = True) -> Outcome:
             os.killpg(proc.pid, signal.SIGKILL)   # leftovers of this command's session only
         proc.join()
         stdout, stderr = out.read_text(), err.read_text()
-        returncode = proc.exitcode
+        returncode = forked_command.exit_code(proc, str(status))
     else:
         popen = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
