@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 from tune_bir import terms
 from tune_bir.config import BIRConfig
 from tune_bir.errors import TuneBirError
-from tune_bir.fields import flag_name
+from tune_bir.fields import flag_name, value_type
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -20,11 +20,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _field_type(annotation: Any) -> type:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
 
 
 def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (),
@@ -38,7 +33,7 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         if f.name in exclude:
             continue
         flag = flag_name(f.name)
-        kind = _field_type(hints[f.name])
+        kind, _ = value_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if kind is bool:
             group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)

@@ -26,7 +26,7 @@ import numpy as np
 
 from tune_bir import terms
 from tune_bir.errors import ConfigError
-from tune_bir.fields import check_integer, check_positive, field_name, flag_name  # noqa: F401 (re-exported)
+from tune_bir.fields import check_integer, check_positive, field_name, flag_name, value_type  # noqa: F401 (re-exported)
 
 SCENARIOS = ("class", "task", "domain")
 REPLAY_MODES = ("none", "generative", "current", "offline")
@@ -313,12 +313,7 @@ _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 @functools.cache
 def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
     """Each field's value type (bool, int, float or str) and whether it may be None (take the default)."""
-    kinds = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        args = typing.get_args(hint)
-        kind = next((a for a in args if a is not type(None)), hint) if args else hint
-        kinds[name] = (kind, type(None) in args)
-    return kinds
+    return {name: value_type(hint) for name, hint in typing.get_type_hints(cls).items()}
 
 
 def validate_types(cfg: BIRConfig) -> None:

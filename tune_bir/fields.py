@@ -56,13 +56,12 @@ class Field:
     @property
     def kind(self) -> type:
         """The value type without its `None`: bool, int, float or str."""
-        args = [a for a in typing.get_args(self.type) if a is not type(None)]
-        return args[0] if args else self.type
+        return value_type(self.type)[0]
 
     @property
     def optional(self) -> bool:
         """None is a valid value (resolved to a default later)."""
-        return type(None) in typing.get_args(self.type)
+        return value_type(self.type)[1]
 
     def metadata(self) -> dict[str, Any]:
         """What `BIRConfig`'s dataclass field carries: the CLI help and the choices."""
@@ -91,6 +90,13 @@ class Field:
         if low is None:
             return f"{'<=' if self.maximum_inclusive else '<'} {high:g}"
         return f"in {'[' if self.minimum_inclusive else '('}{low:g}, {high:g}{']' if self.maximum_inclusive else ')'}"
+
+
+def value_type(hint: Any) -> tuple[type, bool]:
+    """A field's type hint as its value type without `None` (bool, int, float or str) and whether None is allowed:
+    `float | None` -> (float, True), `int` -> (int, False)."""
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint), type(None) in args
 
 
 def flag_name(name: str) -> str:
