@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from tune_bir import losses
-from tune_bir.augment import _boxes, augment_cifar, augment_mnist, crop_where
+from tune_bir import augment, losses
+from tune_bir.augment import augment_cifar, augment_mnist
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
 from tune_bir.errors import ConfigError
@@ -196,17 +196,66 @@ def test_augmentation_uses_its_own_random_stream_and_leaves_the_global_rng_alone
     assert not torch.equal(augment_mnist(x, g1), a)  # the stream moves on
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_cropping_only_the_chosen_samples_gives_the_whole_batch_crops_values(share):
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(64, 1, 28, 28, generator=g)
-    size = torch.randint(14, 29, (64, 2), generator=g).float()
-    x0 = (torch.rand(64, generator=g) * (29 - size[:, 0])).floor()
-    y0 = (torch.rand(64, generator=g) * (29 - size[:, 1])).floor()
-    boxes, apply = _boxes(x0, y0, size[:, 0], size[:, 1]), torch.rand(64, generator=g) < share
-    whole = crop_where(x, boxes, apply, only_chosen=False)
-    assert torch.equal(crop_where(x, boxes, apply, only_chosen=True), whole)
-    assert torch.equal(whole[~apply], x[~apply]) and (share == 0.0 or not torch.equal(whole[apply], x[apply]))
+@pytest.mark.parametrize("seed", range(4))
+def test_crops_from_kornias_captured_grids_are_kornias_crops_bit_for_bit(seed, monkeypatch):
+    """The CPU's crops (CropGrids on the chosen samples) against kornia cropping the whole batch (the GPU's way),
+    for MNIST's resized crops and CIFAR's fixed-size crops, at batch sizes from 1 up."""
+    g = torch.Generator().manual_seed(seed)
+    for n in (1, 2, 17, 128):
+        x = torch.rand(n, 1, 28, 28, generator=g)
+        u = torch.rand(n, 3, 32, 32, generator=g)
+        views = {}
+        for from_grids in (True, False):
+            monkeypatch.setattr(augment, "crops_from_grids", lambda device, on=from_grids: on)
+            rng = torch.Generator().manual_seed(seed * 1000 + n)
+            views[from_grids] = (augment.random_resized_crop(x, 0.5, (0.75, 1.0), rng),
+                                 augment.random_crop_batch(u, 24, 1.0, rng))
+        assert all(torch.equal(a, b) for a, b in zip(views[True], views[False], strict=True))
+        assert views[True][1].shape == (n, 3, 24, 24)
+
+
+def test_a_crop_grid_outside_the_candidates_is_captured_when_first_seen():
+    from kornia.geometry.transform import crop_and_resize
+
+    grids = augment.CropGrids((28, 28), (20, 20), lambda: [(0, 0, 28, 28)])
+    x = torch.rand(3, 2, 28, 28, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[0.0, 0.0, 28.0, 28.0], [3.0, 5.0, 1.0, 9.0], [7.0, 0.0, 21.0, 28.0]])
+    expected = crop_and_resize(x, augment._boxes(*boxes.unbind(1)), (20, 20))
+    same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
+    same(grids.crop(x, boxes), expected)   # a side of 1 pixel too: kornia crops it to NaN
+    assert grids.replays and len(grids.rows) == 3
+    same(grids.crop(x[1:], boxes[1:]), expected[1:])
+
+
+def test_crop_grids_leave_the_crop_to_kornia_when_it_is_not_one_grid_sample_of_its_input(monkeypatch):
+    """The capture's checks are real: a crop that samples a changed input (here: the input plus one) is not
+    replayed from its grid; kornia's own result is returned."""
+    import kornia.geometry.transform as kornia_transform
+
+    crop_and_resize = kornia_transform.crop_and_resize
+    monkeypatch.setattr(kornia_transform, "crop_and_resize", lambda x, boxes, size: crop_and_resize(x + 1, boxes, size))
+    grids = augment.CropGrids((28, 28), (28, 28), lambda: augment.resized_crop_boxes((28, 28), (0.75, 1.0)))
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[0.0, 0.0, 28.0, 28.0], [2.0, 3.0, 22.0, 25.0]] * 2)
+    got = grids.crop(x, boxes)
+    assert grids.replays is False
+    assert torch.equal(got, crop_and_resize(x + 1, augment._boxes(*boxes.unbind(1)), (28, 28)))
+
+
+def test_resized_crop_candidates_hold_every_box_the_crop_draws():
+    """Not needed for the values (a box outside is captured when seen), but for the speed: the first crop's one
+    capture should be the last."""
+    candidates = set(augment.resized_crop_boxes((28, 28), (0.75, 1.0)))
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, H, W = 256, 28, 28
+        area = torch.empty(n).uniform_(0.75, 1.0, generator=rng) * H * W
+        ratio = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=rng))
+        w = torch.sqrt(area * ratio).round().clamp(1, W)
+        h = torch.sqrt(area / ratio).round().clamp(1, H)
+        x0 = (torch.rand(n, generator=rng) * (W - w + 1)).floor()
+        y0 = (torch.rand(n, generator=rng) * (H - h + 1)).floor()
+        assert {tuple(b) for b in torch.stack([x0, y0, w, h], 1).long().tolist()} <= candidates
 
 
 def test_cifar_views_are_finite_for_constant_inputs():

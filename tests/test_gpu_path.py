@@ -153,7 +153,7 @@ def test_contrastive_steps_read_back_only_inside_kornia(flags, monkeypatch):
 
     # the GPU's branch of the second views' crop, run here (on the CPU it picks the cropped samples, a host read
     # that costs nothing there)
-    monkeypatch.setattr(augment, "crops_only_chosen", lambda device: False)
+    monkeypatch.setattr(augment, "crops_from_grids", lambda device: False)
     e = small_engine(**flags)
     guard_steps(e, lambda: no_host_reads(allowed_callers=KORNIA), monkeypatch)
     while not e.done:
