@@ -1,6 +1,7 @@
 """The BI-R model's sizes, gates, prior sampling and the conv layers (docs/algorithm.md "The model",
 "Pre-trained conv layers")."""
 
+import math
 from unittest import mock
 
 import pytest
@@ -132,3 +133,85 @@ def test_conv_layers_in_the_format_published_with_the_original_code_load(tmp_pat
     features = conv(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, 256, 2, 2) and torch.isfinite(features).all()
     assert not conv.training and not any(p.requires_grad for p in conv.parameters())
+
+
+# -- the encoder's rows on a graph of their own (MLP.rows_alone: the contrastive objective's backward) ---------------
+@pytest.mark.parametrize("sizes, n_cur, n_rows", [
+    ([784, 400, 400], 128, 128),   # split MNIST's encoder, batch and replay as trained
+    ([784, 100, 100], 32, 32),     # the golden runs'
+    ([1024, 2000, 2000], 256, 256),  # CIFAR-100's, on conv features
+    ([784, 400, 400], 16, 128),    # shapes where a product over fewer rows may sum in another order
+    ([50, 30, 20, 10], 7, 13),     # uneven, three layers
+])
+def test_rows_alone_gives_the_whole_pass_backwards_gradients_bit_for_bit(sizes, n_cur, n_rows):
+    """Where its own backward would round otherwise (the matrix library's blocking), rows_alone is the slice of the
+    pass itself: either way the gradients are the whole pass's."""
+    from tune_bir.nets import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(sizes)
+    x = torch.randn(n_cur + n_rows, sizes[0])
+    rows = slice(n_cur, None)
+    out, inputs = mlp.forward_keeping_inputs(x)
+    assert torch.equal(out, mlp(x)) and len(inputs) == len(sizes) - 1
+    alone = mlp.rows_alone(inputs, out, rows)
+    assert torch.equal(alone, out[rows])
+    target = torch.randn_like(alone)
+    objective = lambda e: ((e - target) ** 2).sum()  # noqa: E731
+    params = list(mlp.parameters())
+    through_the_pass = torch.autograd.grad(objective(out[rows]), params, retain_graph=True)
+    through_the_rows = torch.autograd.grad(objective(alone), params, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(through_the_rows, through_the_pass, strict=True))
+    assert any(bool(g.abs().sum() > 0) for g in through_the_rows)
+
+
+def test_rows_alone_runs_its_own_backward_on_the_shapes_it_is_trained_with():
+    """On the trained shapes (batch 128 + replay 128 on MNIST; the golden runs' 32 + 32) the rows' own backward is
+    exact where the matrix library keeps its order (measured: Intel Xeon, MKL, at every instruction set level);
+    the test says so where it is not, rather than failing: the numbers are the pass's either way."""
+    from tune_bir.nets import MLP, rows_backward_is_exact
+
+    for sizes, n_cur in (([784, 400, 400], 128), ([784, 100, 100], 32)):
+        mlp = MLP(sizes)
+        linears = [layer for layer in mlp if isinstance(layer, torch.nn.Linear)]
+        if not rows_backward_is_exact(linears, 2 * n_cur, slice(n_cur, None), torch.device("cpu")):
+            pytest.skip(f"here a product over {n_cur} rows sums otherwise than over {2 * n_cur}: the contrastive "
+                        "objective's backward runs through the whole pass")
+        out, inputs = mlp.forward_keeping_inputs(torch.randn(2 * n_cur, sizes[0]))
+        assert type(mlp.rows_alone(inputs, out, slice(n_cur, None)).grad_fn).__name__ == "_RowsAloneBackward"
+
+
+def test_the_exactness_check_sees_a_rows_backward_that_rounds_otherwise(monkeypatch):
+    from tune_bir import nets
+
+    backward = nets._RowsAlone.backward
+
+    def off_by_a_bit(ctx, grad):
+        grads = list(backward(ctx, grad))
+        grads[2] = grads[2].nextafter(torch.full_like(grads[2], math.inf))   # the first weight's, one ulp up
+        return tuple(grads)
+
+    monkeypatch.setattr(nets, "_ROWS_BACKWARD_EXACT", {})
+    linears = [layer for layer in nets.MLP([784, 400, 400]) if isinstance(layer, torch.nn.Linear)]
+    rng_state = torch.get_rng_state()
+    assert nets.rows_backward_is_exact(linears, 256, slice(128, None), torch.device("cpu")) in (True, False)
+    assert torch.equal(torch.get_rng_state(), rng_state)   # its random values are its own
+    monkeypatch.setattr(nets, "_ROWS_BACKWARD_EXACT", {})
+    monkeypatch.setattr(nets._RowsAlone, "backward", staticmethod(off_by_a_bit))
+    assert not nets.rows_backward_is_exact(linears, 256, slice(128, None), torch.device("cpu"))
+
+
+def test_rows_alone_back_propagates_nothing_into_the_pass_and_is_the_plain_slice_under_autocast(monkeypatch):
+    from tune_bir import nets
+    from tune_bir.nets import MLP
+
+    monkeypatch.setattr(nets, "rows_backward_is_exact", lambda *args: True)   # whatever this CPU's blocking
+    mlp = MLP([6, 5, 4])
+    x = torch.randn(8, 6, requires_grad=True)
+    out, inputs = mlp.forward_keeping_inputs(x)
+    mlp.rows_alone(inputs, out, slice(4, None)).sum().backward()
+    assert x.grad is None and all(p.grad is not None for p in mlp.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, inputs = mlp.forward_keeping_inputs(x)
+        alone = mlp.rows_alone(inputs, out, slice(4, None))
+    assert type(alone.grad_fn).__name__ == "SliceBackward0"   # autocast: the autograd path as it is

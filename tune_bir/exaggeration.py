@@ -259,7 +259,8 @@ class ContrastiveReplay(ExaggerationTerm):
         view = self.second_view(batch.h)
         if not self.train:
             return None
-        e_views = torch.cat([batch.e, batch.model.encode(view)])
+        # its own backward: through the replayed rows of the shared pass only (e_alone), not the current ones' zeros
+        e_views = torch.cat([batch.e_alone, batch.model.encode(view)])
         return self.loss(e_views, batch.scores)
 
     def optimise(self, main: torch.Tensor, own: torch.Tensor, step: LearnerStep) -> None:

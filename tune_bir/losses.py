@@ -250,11 +250,11 @@ def supcon_loss(features: Tensor, positive_weights: Tensor, temperature: float,
         return features.sum() * 0.0
     eye, weights = _without_self(positive_weights)
     logits = features @ features.T / temperature
+    others = logits.masked_fill(eye, -math.inf)
     # shift by the largest NON-self logit: every denominator is then >= 1 and cannot underflow
-    shift = logits.masked_fill(eye, -math.inf).amax(1, keepdim=True).detach()
-    logits = logits - shift
-    log_denominator = torch.exp(logits.masked_fill(eye, -math.inf)).sum(1, keepdim=True).log()
-    log_prob = (logits - log_denominator).masked_fill(eye, 0.0)
+    shift = others.amax(1, keepdim=True).detach()
+    log_denominator = torch.exp(others - shift).sum(1, keepdim=True).log()
+    log_prob = (logits - shift - log_denominator).masked_fill(eye, 0.0)
     return _mean_over_positives(log_prob, weights, temperature, base_temperature)
 
 

@@ -78,6 +78,10 @@ class BIRModel(nn.Module):
         """Encoder features e = fcE(flatten(h))."""
         return self.fcE(h.flatten(1))
 
+    def encode_keeping_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """`encode`, and the input of each of fcE's linear layers (for `MLP.rows_alone`)."""
+        return self.fcE.forward_keeping_inputs(h.flatten(1))
+
     def classify(self, e: torch.Tensor) -> torch.Tensor:
         """Logits over all classes from encoder features (classify "beforeZ")."""
         return self.classifier(e).float()   # fp32 logits even under bf16 autocast (softmax, distillation)

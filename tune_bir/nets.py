@@ -35,6 +35,93 @@ class MLP(nn.Sequential):
             layers += [linear(n_in, n_out), nn.ReLU(inplace=True)]
         super().__init__(*layers)
 
+    def forward_keeping_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The forward pass, and each linear layer's input (what `rows_alone` needs)."""
+        inputs = []
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                inputs.append(x)
+            x = layer(x)
+        return x, tuple(inputs)
+
+    def rows_alone(self, inputs: tuple[torch.Tensor, ...], out: torch.Tensor, rows: slice) -> torch.Tensor:
+        """out[rows] of a pass (`forward_keeping_inputs`), the same values on a graph of their own, whose backward
+        runs through these rows of the pass only: an objective of some rows (the contrastive plugin's, of the
+        replayed ones) then spends no products on the zeros the other rows would get.
+
+        Its gradients are computed by the same operations as the whole pass's, on fewer rows; whether a product
+        over fewer rows sums in the same order depends on the matrix library's blocking for the shapes (on an
+        Intel Xeon with MKL: the same for 128 + 128 rows, not for 16 + 128). So it is used only where it gives
+        the whole pass's gradients bit for bit, checked once per shape, device, dtype and thread count
+        (`rows_backward_is_exact`); elsewhere, and under autocast, it is out[rows] itself."""
+        linears = [layer for layer in self if isinstance(layer, nn.Linear)]
+        if not linears or any(x.dtype != layer.weight.dtype for x, layer in zip(inputs, linears, strict=True)) \
+                or not rows_backward_is_exact(linears, out.shape[0], rows, out.device):
+            return out[rows]
+        outputs = (*inputs[1:], out)   # the ReLU acts in place: a layer's output is the next one's input
+        return _RowsAlone.apply(len(linears), out[rows].detach(), *(layer.weight for layer in linears),
+                                *(layer.bias for layer in linears), *(x[rows].detach() for x in inputs),
+                                *(y[rows].detach() for y in outputs))
+
+
+_ROWS_BACKWARD_EXACT: dict[tuple, bool] = {}
+
+
+def rows_backward_is_exact(linears: list[nn.Linear], n: int, rows: slice, device: torch.device) -> bool:
+    """Whether `MLP.rows_alone`'s backward gives the gradients of the whole pass's bit for bit for these layers'
+    shapes and `rows` of `n`, here (device, dtype, threads, matmul precision): tried once on random values of
+    those shapes (drawn from a generator of its own: the global stream is left alone)."""
+    dtype = linears[0].weight.dtype
+    key = (tuple(layer.weight.shape for layer in linears), n, rows.indices(n), device, dtype,
+           torch.get_num_threads(), torch.get_float32_matmul_precision())
+    if key not in _ROWS_BACKWARD_EXACT:
+        g = torch.Generator(device=device).manual_seed(0)
+        params = [torch.randn(layer.weight.shape, generator=g, device=device, dtype=dtype).div_(
+            math.sqrt(layer.in_features)).requires_grad_() for layer in linears]
+        params += [torch.randn(layer.out_features, generator=g, device=device, dtype=dtype).requires_grad_()
+                   for layer in linears]
+        x = torch.randn(n, linears[0].in_features, generator=g, device=device, dtype=dtype)
+        weights, biases = params[:len(linears)], params[len(linears):]
+        inputs = []
+        for weight, bias in zip(weights, biases, strict=True):
+            inputs.append(x)
+            x = torch.relu_(nn.functional.linear(x, weight, bias))   # nn.Linear + nn.ReLU(inplace=True)
+        target = torch.randn(x[rows].shape, generator=g, device=device, dtype=dtype)
+        whole = torch.autograd.grad((x[rows] * target).sum(), params, retain_graph=True)
+        outputs = (*inputs[1:], x)
+        alone = _RowsAlone.apply(len(linears), x[rows], *weights, *biases, *(v[rows] for v in inputs),
+                                 *(y[rows] for y in outputs))
+        by_rows = torch.autograd.grad((alone * target).sum(), params)
+        _ROWS_BACKWARD_EXACT[key] = all(torch.equal(a, b) for a, b in zip(whole, by_rows, strict=True))
+    return _ROWS_BACKWARD_EXACT[key]
+
+
+class _RowsAlone(torch.autograd.Function):
+    """`MLP.rows_alone`: forward passes the rows through; backward is the Linear + ReLU layers' own backward
+    (ReLU's threshold_backward on its output, the products of addmm's backward in their layouts) on those rows."""
+
+    @staticmethod
+    def forward(ctx, n_layers: int, out_rows: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.n_layers = n_layers
+        weights, inputs, outputs = tensors[:n_layers], tensors[2 * n_layers:3 * n_layers], tensors[3 * n_layers:]
+        ctx.save_for_backward(*weights, *inputs, *outputs)
+        return out_rows.view_as(out_rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = ctx.n_layers
+        saved = ctx.saved_tensors
+        weights, inputs, outputs = saved[:n], saved[n:2 * n], saved[2 * n:]
+        grad_weights, grad_biases = [None] * n, [None] * n
+        for i in reversed(range(n)):
+            grad = torch.ops.aten.threshold_backward(grad, outputs[i], 0)
+            grad_weights[i] = grad.t().mm(inputs[i])
+            grad_biases[i] = grad.sum(0)
+            if i:
+                grad = grad.mm(weights[i])
+        # nothing flows into the pass itself (out_rows, inputs, outputs): that is the point
+        return None, None, *grad_weights, *grad_biases, *([None] * (2 * n))
+
 
 class GatedLinear(nn.Module):
     """Linear layer whose pre-activation is multiplied by a class-chosen binary gate (docs/algorithm.md

@@ -49,14 +49,15 @@ class VAEPass:
     raw: torch.Tensor          # decoder output before its non-linearity (`BIRModel.activate` gives the reconstruction)
     recon_loss: torch.Tensor   # [N] reconstruction loss
     variational: torch.Tensor  # [N] (log q(z|h) - log p(z)) / image pixels
+    encoder_inputs: tuple[torch.Tensor, ...]  # each fcE layer's input (`MLP.rows_alone`)
 
 
 def vae_forward(model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, eps: torch.Tensor, n_active: int,
                 image_pixels: int, recon_loss_from_raw: Callable) -> tuple[torch.Tensor, ...]:
     """The VAE pass as a pure function of its inputs (the noise `eps` drawn by the caller), so that torch.compile
     can take it whole: encoder features, posterior, decoder output, per-sample reconstruction and variational
-    terms (docs/algorithm.md "Losses")."""
-    e = model.encode(h)
+    terms (docs/algorithm.md "Losses"), and the encoder layers' inputs."""
+    e, encoder_inputs = model.encode_keeping_inputs(h)
     mu, logvar = model.posterior(e)
     z = model.reparameterise(mu, logvar, eps)
     raw = model.decode_raw(z, class_weights if model.gated else None)
@@ -66,7 +67,7 @@ def vae_forward(model: BIRModel, h: torch.Tensor, class_weights: torch.Tensor, e
     else:
         log_prior = losses.log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
     variational = losses.variational_per_sample(z, mu, logvar, log_prior, image_pixels)
-    return e, mu, logvar, raw, recon_loss_from_raw(h, raw), variational
+    return e, mu, logvar, raw, recon_loss_from_raw(h, raw), variational, encoder_inputs
 
 
 @dataclass
@@ -326,6 +327,7 @@ class FeedbackReplay(NoReplay):
                 # the replay-batch state and the reconstruction are made on first use, by the terms that need them
                 batch = ReplayBatch(
                     h=h_replay, scores=scores, e=vae.e[rep], mu=vae.mu[rep], logvar=vae.logvar[rep],
+                    e_alone=lambda: model.fcE.rows_alone(vae.encoder_inputs, vae.e, rep),
                     recon=lambda: model.activate(vae.raw[rep]), model=model, image_pixels=learner.image_pixels,
                     state=lambda: ReplayState.build(scores, cfg.n_rep, cfg.rep_f if cfg.use_rep_f else None,
                                                     learner.exaggeration_rng))

@@ -61,13 +61,14 @@ class ReplayState:
 class ReplayBatch:
     """What the current model made of one replay batch (docs/algorithm.md "Replay-batch state").
 
-    `recon` and `state` may be given as zero-argument callables: they are then computed on first use,
+    `recon`, `state` and `e_alone` may be given as zero-argument callables: they are then computed on first use,
     once, so a step whose terms need neither (contrastive replay) neither decodes nor ranks.
     """
 
     def __init__(self, *, h: torch.Tensor, scores: torch.Tensor, e: torch.Tensor, mu: torch.Tensor,
                  logvar: torch.Tensor, recon: torch.Tensor | Callable[[], torch.Tensor],
-                 state: ReplayState | Callable[[], ReplayState], model: BIRModel, image_pixels: int):
+                 state: ReplayState | Callable[[], ReplayState], model: BIRModel, image_pixels: int,
+                 e_alone: torch.Tensor | Callable[[], torch.Tensor] | None = None):
         self.h = h                    # replayed inputs htil [Br, ...]
         self.scores = scores          # previous model's logits over previous classes [Br, K]
         self.e = e                    # current encoder features of htil
@@ -76,6 +77,15 @@ class ReplayBatch:
         self.model = model
         self.image_pixels = image_pixels
         self._recon, self._state = recon, state
+        self._e_alone = e if e_alone is None else e_alone
+
+    @property
+    def e_alone(self) -> torch.Tensor:
+        """e again, on a graph of its own that back-propagates through the replayed rows only
+        (`tune_bir.nets.MLP.rows_alone`): for an objective with its own backward. The same numbers as e's."""
+        if callable(self._e_alone):
+            self._e_alone = self._e_alone()
+        return self._e_alone
 
     @property
     def recon(self) -> torch.Tensor:
