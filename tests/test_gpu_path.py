@@ -241,6 +241,22 @@ def test_compile_trains_close_to_eager():
         torch.testing.assert_close(q, p, **COMPILE_WEIGHT_TOLERANCE)
 
 
+@pytest.mark.parametrize("grad_mode", ["separate", "reference"])
+@pytest.mark.parametrize("rows_alone", [True, False], ids=["rows_alone", "through_the_pass"])
+def test_contrastive_replay_trains_under_compile(grad_mode, rows_alone, monkeypatch):
+    """The contrastive objective back-propagates through the compiled VAE pass a second time where its rows have
+    no graph of their own (through_the_pass): compiled backward graphs must keep their buffers
+    (tune_bir.device.compiled). Before, every --compile run with --contrastive stopped at its first replay step."""
+    pytest.importorskip("torch._inductor")
+    from tune_bir import nets
+
+    monkeypatch.setattr(nets, "rows_backward_is_exact", lambda *args: rows_alone)
+    e = small_engine(tasks=5, iters=3, contrastive=True, c_lr=1e-3, contr_grad_mode=grad_mode, compile="default")
+    for _ in range(2):
+        metrics = e.train_task()
+    assert metrics["loss/contrastive"] > 0 and all(math.isfinite(v) for v in metrics.values())
+
+
 def test_compiled_code_is_cached_per_cpu_vector_width(monkeypatch):
     """Code inductor generated for one vector width is never loaded where it picks another
     (tune_bir.device.key_compile_caches_by_cpu_isa).

@@ -57,6 +57,10 @@ def compiled(fn: Callable, mode: str) -> Callable:
     if mode == "off":
         return fn
     key_compile_caches_by_cpu_isa()
+    # a plugin with an objective of its own may back-propagate through the compiled pass a second time (the
+    # contrastive objective where its rows cannot have a graph of their own): the first backward keeps the graph,
+    # which a backward that donates its saved buffers refuses
+    torch._functorch.config.donated_buffer = False
     return torch.compile(fn, mode=mode)
 
 
