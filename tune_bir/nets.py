@@ -52,8 +52,8 @@ class MLP(nn.Sequential):
         Its gradients are computed by the same operations as the whole pass's, on fewer rows; whether a product
         over fewer rows sums in the same order depends on the matrix library's blocking for the shapes (on an
         Intel Xeon with MKL: the same for 128 + 128 rows, not for 16 + 128). So it is used only where it gives
-        the whole pass's gradients bit for bit, checked once per shape, device, dtype and thread count
-        (`rows_backward_is_exact`); elsewhere, and under autocast, it is out[rows] itself."""
+        the whole pass's gradients bit for bit, checked once per shape, dtype and thread count on a CPU
+        (`rows_backward_is_exact`); elsewhere (a GPU, other shapes) and under autocast it is out[rows] itself."""
         linears = [layer for layer in self if isinstance(layer, nn.Linear)]
         if not linears or any(x.dtype != layer.weight.dtype for x, layer in zip(inputs, linears, strict=True)) \
                 or not rows_backward_is_exact(linears, out.shape[0], rows, out.device):
@@ -69,8 +69,12 @@ _ROWS_BACKWARD_EXACT: dict[tuple, bool] = {}
 
 def rows_backward_is_exact(linears: list[nn.Linear], n: int, rows: slice, device: torch.device) -> bool:
     """Whether `MLP.rows_alone`'s backward gives the gradients of the whole pass's bit for bit for these layers'
-    shapes and `rows` of `n`, here (device, dtype, threads, matmul precision): tried once on random values of
+    shapes and `rows` of `n`, here (dtype, threads, matmul precision; on a CPU): tried once on random values of
     those shapes (drawn from a generator of its own: the global stream is left alone)."""
+    if device.type != "cpu":
+        # the check reads its comparison back to the host, a synchronisation inside a step; a GPU keeps the
+        # pass's own backward until a GPU session weighs it (docs/architecture.md "GPU")
+        return False
     dtype = linears[0].weight.dtype
     key = (tuple(layer.weight.shape for layer in linears), n, rows.indices(n), device, dtype,
            torch.get_num_threads(), torch.get_float32_matmul_precision())
