@@ -70,8 +70,8 @@ def resized_crop_boxes(size: tuple[int, int], scale: tuple[float, float]) -> lis
     H, W = size
     short = math.floor(math.sqrt(scale[0] * H * W * 3 / 4))
     long = math.ceil(math.sqrt(scale[1] * H * W * 4 / 3))
-    return [(x0, y0, w, h) for w in range(max(1, short), min(W, long) + 1) for h in range(max(1, short), min(H, long) + 1)
-            for x0 in range(W - w + 1) for y0 in range(H - h + 1)]
+    widths, heights = range(max(1, short), min(W, long) + 1), range(max(1, short), min(H, long) + 1)
+    return [(x0, y0, w, h) for w in widths for h in heights for x0 in range(W - w + 1) for y0 in range(H - h + 1)]
 
 
 def crops_from_grids(device: torch.device) -> bool:

@@ -58,10 +58,15 @@ class MLP(nn.Sequential):
         if not linears or any(x.dtype != layer.weight.dtype for x, layer in zip(inputs, linears, strict=True)) \
                 or not rows_backward_is_exact(linears, out.shape[0], rows, out.device):
             return out[rows]
-        outputs = (*inputs[1:], out)   # the ReLU acts in place: a layer's output is the next one's input
-        return _RowsAlone.apply(len(linears), out[rows].detach(), *(layer.weight for layer in linears),
-                                *(layer.bias for layer in linears), *(x[rows].detach() for x in inputs),
-                                *(y[rows].detach() for y in outputs))
+        return _rows_graph([layer.weight for layer in linears], [layer.bias for layer in linears], inputs, out, rows)
+
+
+def _rows_graph(weights: list[torch.Tensor], biases: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                out: torch.Tensor, rows: slice) -> torch.Tensor:
+    """out[rows] on `_RowsAlone`'s graph, from the layers' parameters and a pass's layer inputs and output."""
+    outputs = (*inputs[1:], out)   # the ReLU acts in place: a layer's output is the next one's input
+    return _RowsAlone.apply(len(weights), out[rows].detach(), *weights, *biases, *(x[rows].detach() for x in inputs),
+                            *(y[rows].detach() for y in outputs))
 
 
 _ROWS_BACKWARD_EXACT: dict[tuple, bool] = {}
@@ -92,10 +97,7 @@ def rows_backward_is_exact(linears: list[nn.Linear], n: int, rows: slice, device
             x = torch.relu_(nn.functional.linear(x, weight, bias))   # nn.Linear + nn.ReLU(inplace=True)
         target = torch.randn(x[rows].shape, generator=g, device=device, dtype=dtype)
         whole = torch.autograd.grad((x[rows] * target).sum(), params, retain_graph=True)
-        outputs = (*inputs[1:], x)
-        alone = _RowsAlone.apply(len(linears), x[rows], *weights, *biases, *(v[rows] for v in inputs),
-                                 *(y[rows] for y in outputs))
-        by_rows = torch.autograd.grad((alone * target).sum(), params)
+        by_rows = torch.autograd.grad((_rows_graph(weights, biases, tuple(inputs), x, rows) * target).sum(), params)
         _ROWS_BACKWARD_EXACT[key] = all(torch.equal(a, b) for a, b in zip(whole, by_rows, strict=True))
     return _ROWS_BACKWARD_EXACT[key]
 
