@@ -167,8 +167,9 @@ def test_rows_alone_gives_the_whole_pass_backwards_gradients_bit_for_bit(sizes, 
 
 def test_rows_alone_runs_its_own_backward_on_the_shapes_it_is_trained_with():
     """On the trained shapes (batch 128 + replay 128 on MNIST; the golden runs' 32 + 32) the rows' own backward is
-    exact where the matrix library keeps its order (measured: Intel Xeon, MKL, at every instruction set level);
-    the test says so where it is not, rather than failing: the numbers are the pass's either way."""
+    exact where the matrix library keeps its order (measured on an Intel Xeon with MKL: both natively and under the
+    default caps; under the avx2 caps 128 + 128 only); the test says so where it is not, rather than failing: the
+    numbers are the pass's either way."""
     from tune_bir.nets import MLP, rows_backward_is_exact
 
     for sizes, n_cur in (([784, 400, 400], 128), ([784, 100, 100], 32)):
