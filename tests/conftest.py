@@ -15,7 +15,8 @@ import torch
 
 from trainables.node_cache import CACHE_DIR_ENV
 
-torch.set_num_threads(2)
+# two threads for one test process; one each when pytest-xdist runs several on the 2 cores
+torch.set_num_threads(2 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1 else 1)
 
 _UNREACHABLE_PROXY = "http://127.0.0.1:9"   # the discard port: nothing listens, connections are refused
 

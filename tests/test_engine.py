@@ -185,6 +185,7 @@ CHECKPOINT_SCRIPT = """
 import json, sys, torch
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
+torch.set_num_threads(int(sys.argv[3]))   # the test process's threads: a CPU's sums are ordered by them
 cfg = BIRConfig(**json.loads(sys.argv[1]))
 e = Engine(cfg)
 e.load_state_dict(torch.load(sys.argv[2], weights_only=True))
@@ -202,7 +203,8 @@ def test_checkpoint_after_two_tasks_continues_bit_identically_in_a_new_process(t
     path = tmp_path / "ckpt.pt"
     torch.save(straight.state_dict(), path)
     expected = {k: v for k, v in straight.train_task().items() if k != "time_this_step_s"}
-    out = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, json.dumps(values), str(path)],
+    out = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, json.dumps(values), str(path),
+                          str(torch.get_num_threads())],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert resumed == expected
