@@ -253,6 +253,15 @@ def test_resized_crop_candidates_hold_every_box_the_crop_draws(monkeypatch):
     assert grids.replays and len(grids.rows) == len(augment.resized_crop_boxes((28, 28), (0.75, 1.0)))
 
 
+def test_square_crop_candidates_hold_every_box_the_batch_crop_draws(monkeypatch):
+    monkeypatch.setattr(augment, "_CROP_GRIDS", {})
+    rng, x = torch.Generator().manual_seed(0), torch.rand(256, 3, 32, 32)
+    for _ in range(20):
+        augment.random_crop_batch(x, 24, 1.0, rng)
+    (grids,) = augment._CROP_GRIDS.values()
+    assert grids.replays and len(grids.rows) == len(augment.square_crop_boxes((32, 32), 24)) == 81
+
+
 def test_cifar_views_are_finite_for_constant_inputs():
     g = torch.Generator().manual_seed(0)
     for _ in range(6):

@@ -194,6 +194,13 @@ def random_channel_shuffle(x: torch.Tensor, p: float, rng: torch.Generator) -> t
     return torch.where(_bernoulli(n, p, rng, x.device).view(-1, 1, 1, 1), shuffled, x)
 
 
+def square_crop_boxes(image_size: tuple[int, int], size: int) -> list[tuple[int, int, int, int]]:
+    """Every box (x0, y0, w, h) `random_crop_batch` can draw on an image of `image_size`: size x size at every
+    position."""
+    H, W = image_size
+    return [(i, j, size, size) for i in range(W - size + 1) for j in range(H - size + 1)]
+
+
 def random_crop_batch(x: torch.Tensor, size: int, p: float, rng: torch.Generator) -> torch.Tensor:
     """With probability p decided once for the batch: a random size x size crop of every sample."""
     if not bool(_bernoulli(1, p, rng, x.device).cpu()):  # one draw per batch; batch shape depends on it
@@ -203,8 +210,8 @@ def random_crop_batch(x: torch.Tensor, size: int, p: float, rng: torch.Generator
     y0 = torch.randint(0, H - size + 1, (n,), generator=rng, device=x.device).float()
     side = torch.full((n,), float(size), device=x.device)
     if crops_from_grids(x.device):
-        every_box = lambda: [(i, j, size, size) for i in range(W - size + 1) for j in range(H - size + 1)]  # noqa: E731
-        return crop_grids(x, (size, size), every_box).crop(x, torch.stack([x0, y0, side, side], 1))
+        grids = crop_grids(x, (size, size), lambda: square_crop_boxes((H, W), size))
+        return grids.crop(x, torch.stack([x0, y0, side, side], 1))
     from kornia.geometry.transform import crop_and_resize
 
     return crop_and_resize(x, _boxes(x0, y0, side, side), (size, size))
