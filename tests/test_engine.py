@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +186,6 @@ CHECKPOINT_SCRIPT = """
 import json, sys, torch
 from tune_bir.config import BIRConfig
 from tune_bir.engine import Engine
-torch.set_num_threads(int(sys.argv[3]))   # the test process's threads: a CPU's sums are ordered by them
 cfg = BIRConfig(**json.loads(sys.argv[1]))
 e = Engine(cfg)
 e.load_state_dict(torch.load(sys.argv[2], weights_only=True))
@@ -203,8 +203,9 @@ def test_checkpoint_after_two_tasks_continues_bit_identically_in_a_new_process(t
     path = tmp_path / "ckpt.pt"
     torch.save(straight.state_dict(), path)
     expected = {k: v for k, v in straight.train_task().items() if k != "time_this_step_s"}
-    out = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, json.dumps(values), str(path),
-                          str(torch.get_num_threads())],
+    # the test process's threads (a CPU's sums are ordered by them), through the variable torch starts from
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    out = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, json.dumps(values), str(path)], env=env,
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     resumed = json.loads(out.stdout.strip().splitlines()[-1])
     assert resumed == expected
