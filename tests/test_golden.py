@@ -27,8 +27,10 @@ Two comparisons:
   - counts (task, iters_done): exact.
 - Drift (test_golden_drift_under_each_instruction_set_stays_ten_times_below_the_tolerance): all 10 runs in a
   subprocess under each of ISA_LEVELS' caps below this CPU's own level, against its own level (the pinned
-  values on the kind that wrote the file). Measured on the AMD EPYC (Zen 5, AVX-512) that
-  wrote the file, 2 threads, largest relative change: default (no SIMD; MKL SSE4_2, oneDNN SSE41) 1.6e-5
+  values on the kind that wrote the file). Measured on the AMD EPYC (AVX-512) that
+  wrote the file (its `written_by` names no generation; with TUNE_BIR_GOLDEN_EXACT=1 the runs are bit-identical
+  to it on a Zen 4, family 25 model 17, and a Zen 5, family 26 model 2, both 2026-12-04), 2 threads, largest
+  relative change: default (no SIMD; MKL SSE4_2, oneDNN SSE41) 1.6e-5
   (repulsion_rep_f loss/repulsion, 0.053 tolerances), every other run <= 1.8e-6; avx2 <= 2.3e-7; avx512
   0 (bit-identical: the native level); no accuracy flipped. On an Intel Xeon (AVX-512 with FP16 and BF16,
   AMX; 2 threads), against its native run: default 6.1e-5 (repulsion_kl val_prob_avg, task 5; 0.20 of the
