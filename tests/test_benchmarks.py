@@ -11,7 +11,7 @@ import pytest
 import torch
 from ray.tune.schedulers import ASHAScheduler
 
-from benchmarks.engine_speed import step_flops, step_gemms
+from benchmarks.engine_speed import CPU_TERM_BUDGETS, TERMS, step_flops, step_gemms, term_budgets
 from benchmarks.sweep_efficiency import asymptotic_ratio, rung_milestones
 from tune_bir.model import ModelSpec
 
@@ -30,6 +30,12 @@ def test_asymptotic_ratio_by_hand():
     assert asymptotic_ratio(2, 4, 5) == pytest.approx((2 + 3 / 4) / 5)
     # 10 tasks, rungs after tasks 2 and 8: a quarter trains 6 more, a sixteenth the last 2
     assert asymptotic_ratio(2, 4, 10) == pytest.approx((2 + 6 / 4 + 2 / 16) / 10)
+
+
+def test_every_timed_term_has_a_cpu_budget_and_a_gpu_none():
+    assert set(CPU_TERM_BUDGETS) == set(TERMS)
+    assert term_budgets(torch.device("cpu")) == CPU_TERM_BUDGETS
+    assert term_budgets(torch.device("cuda")) == {}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,17 @@ def test_engine_speed_benchmark_prints_and_writes_its_ratios(cpu_device_check):
         assert entry["compile"] == "off"
     if fast_bf16:
         assert variants["BI-R+SI bf16"]["precision"] == "bf16"
-    assert _positive(variants["+ repulsion"]["relative_to_bir_si"])
-    assert variants["+ repulsion"]["term"] == "repulsion"
+    repulsion = variants["+ repulsion"]
+    assert _positive(repulsion["relative_to_bir_si"]) and repulsion["term"] == "repulsion"
+    assert len(repulsion["relative_to_bir_si_rounds"]) == result["settings"]["rounds"]
+    # on a CPU the term's fp32 ratio is set against its budget, and the verdict is the ratio's, printed
+    assert repulsion["budget_relative_to_bir_si"] == CPU_TERM_BUDGETS["repulsion"]
+    assert repulsion["within_budget"] is (repulsion["relative_to_bir_si"] <= CPU_TERM_BUDGETS["repulsion"])
+    assert mnist["terms_within_budget"] is repulsion["within_budget"]
+    line = next(line for line in out.splitlines() if line.startswith("    + repulsion"))
+    assert f"budget x{CPU_TERM_BUDGETS['repulsion']:.2f}" in line
+    assert ("OVER BUDGET" in line) is not repulsion["within_budget"]
+    assert f"term costs: {int(repulsion['within_budget'])} of 1 within their CPU budget" in out
     assert _positive(mnist["gemms_alone"]["ms"])
 
 

@@ -210,3 +210,15 @@ def test_every_core_module_is_in_the_architecture_table():
     missing = [p.name for p in sorted((ROOT / "tune_bir").glob("*.py"))
                if p.name != "__init__.py" and f"`{p.name}`" not in text]
     assert not missing, f"docs/architecture.md \"Core package\" lacks {missing}"
+
+
+def test_the_readme_quotes_the_term_budgets_of_the_benchmark():
+    from benchmarks.engine_speed import CPU_TERM_BUDGETS
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = re.search(r"`CPU_TERM_BUDGETS`: x([0-9.]+) for repulsion and both reconstruction terms, "
+                       r"x([0-9.]+) for contrastive", readme)
+    assert quoted, "README.md no longer quotes CPU_TERM_BUDGETS"
+    additive, contrastive = map(float, quoted.groups())
+    assert CPU_TERM_BUDGETS == {"repulsion": additive, "recon_repulsion": additive, "recon_attraction": additive,
+                                "contrastive": contrastive}

@@ -59,7 +59,10 @@ def compiled(fn: Callable, mode: str) -> Callable:
     key_compile_caches_by_cpu_isa()
     # a plugin with an objective of its own may back-propagate through the compiled pass a second time (the
     # contrastive objective where its rows cannot have a graph of their own): the first backward keeps the graph,
-    # which a backward that donates its saved buffers refuses
+    # which a backward that donates its saved buffers refuses. Process-wide, because a patch around the compiled
+    # call is not enough: torch 2.14 reads the flag again when the backward runs, outside that call, and refuses a
+    # retained graph of a pass compiled without donation (tried: test_contrastive_replay_trains_under_compile's four
+    # cases all fail so). What it costs is memory: the backward no longer reuses saved buffers for its outputs.
     torch._functorch.config.donated_buffer = False
     return torch.compile(fn, mode=mode)
 
