@@ -362,7 +362,7 @@ def variants_of(base_flags: dict, precisions: list[str], compile_modes: list[str
 def measure_protocol(label: str, variants: dict[str, Variant], build: Callable[[Variant], Engine],
                      spec_of: Callable[[Engine], ModelSpec], batch: int, args, device: torch.device,
                      probes: dict[str, MatmulProbe], budgets: dict[str, float]) -> dict:
-    """Time every variant of one protocol; print its lines, each term's against `budgets` (eager fp32); return its
+    """Time every variant of one protocol; print its lines, each term's against its entry in `budgets`; return its
     JSON record."""
     clock = Clock(device)
     engines = {name: build(variant) for name, variant in variants.items()}
@@ -388,11 +388,11 @@ def measure_protocol(label: str, variants: dict[str, Variant], build: Callable[[
             entry["ops_per_step"] = ops_per_step(engines[name])
         extra = ""
         if variant.term is not None:
-            entry["relative_to_bir_si"] = relative(timings, name, base_name)
-            entry["relative_to_bir_si_rounds"] = relative_rounds(timings, name, base_name)
+            rounds = relative_rounds(timings, name, base_name)
+            entry["relative_to_bir_si"], entry["relative_to_bir_si_rounds"] = statistics.median(rounds), rounds
             extra = (f"   x{entry['relative_to_bir_si']:5.2f} of BI-R+SI (rounds "
-                     f"{min(entry['relative_to_bir_si_rounds']):.2f}-{max(entry['relative_to_bir_si_rounds']):.2f})")
-            budget = budgets.get(variant.term) if variant.precision == "fp32" else None
+                     f"{min(rounds):.2f}-{max(rounds):.2f})")
+            budget = budgets.get(variant.term)
             if budget is not None:
                 entry["budget_relative_to_bir_si"] = budget
                 entry["within_budget"] = entry["relative_to_bir_si"] <= budget
@@ -430,19 +430,15 @@ def gemms_alone_report(gemms: list[tuple[int, int, int]], device: torch.device, 
 
 
 def relative_rounds(timings: dict[str, Timing], name: str, base: str) -> list[float]:
-    """The step-time ratio of two variants in each round (timed side by side)."""
+    """The step-time ratio of two variants in each round (timed side by side); a term's cost is their median."""
     return [a / b for a, b in zip(timings[name].ms, timings[base].ms, strict=True)]
 
 
-def relative(timings: dict[str, Timing], name: str, base: str) -> float:
-    """Median over rounds of the step-time ratio of two variants timed side by side."""
-    return statistics.median(relative_rounds(timings, name, base))
-
-
-def term_budgets(device: torch.device) -> dict[str, float]:
-    """The terms' cost budgets for splitMNIST5k on this device: CPU_TERM_BUDGETS on a CPU; none on a GPU, whose
-    step is launch-bound (a term's cost there is its kernel count, not its FLOPs)."""
-    return CPU_TERM_BUDGETS if device.type == "cpu" else {}
+def term_budgets(device: torch.device, precision: str) -> dict[str, float]:
+    """The terms' cost budgets for splitMNIST5k timed in `precision` on this device: CPU_TERM_BUDGETS for fp32 on
+    a CPU; none in another precision, nor on a GPU, whose step is launch-bound (a term's cost there is its kernel
+    count, not its FLOPs)."""
+    return CPU_TERM_BUDGETS if device.type == "cpu" and precision == "fp32" else {}
 
 
 def device_record(device: torch.device, threads: int) -> dict:
@@ -538,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["protocols"]["splitMNIST5k"] = measure_protocol(
             "(a) splitMNIST5k", variants,
             lambda v: mnist_engine(iters, args.device, warmup, **v.config_flags()),
-            lambda e: e.model.spec, 128, args, device, probes, term_budgets(device))
+            lambda e: e.model.spec, 128, args, device, probes, term_budgets(device, precisions[0]))
         write()
 
     if not args.skip_cifar:

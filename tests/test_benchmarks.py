@@ -32,10 +32,11 @@ def test_asymptotic_ratio_by_hand():
     assert asymptotic_ratio(2, 4, 10) == pytest.approx((2 + 6 / 4 + 2 / 16) / 10)
 
 
-def test_every_timed_term_has_a_cpu_budget_and_a_gpu_none():
+def test_every_timed_term_has_a_cpu_fp32_budget_and_none_elsewhere():
     assert set(CPU_TERM_BUDGETS) == set(TERMS)
-    assert term_budgets(torch.device("cpu")) == CPU_TERM_BUDGETS
-    assert term_budgets(torch.device("cuda")) == {}
+    assert term_budgets(torch.device("cpu"), "fp32") == CPU_TERM_BUDGETS
+    assert term_budgets(torch.device("cpu"), "bf16") == {}
+    assert term_budgets(torch.device("cuda"), "fp32") == {}
 
 
 @pytest.fixture(scope="module")
