@@ -24,22 +24,11 @@ from mlflow.tracking import MlflowClient
 
 from tests.cluster_fixtures import cluster_pids, kill_cluster_processes, ray_subprocess_env
 from tests.sweep_helpers import child_runs
-from tests.test_sweep_resume import checkpointed_iterations, registered_checkpoints, results
+from tests.test_sweep_resume import checkpointed_iterations, registered_checkpoints, results, saved_trial_statuses
 
 pytestmark = pytest.mark.slow
 
 SWEEP = [sys.executable, "-m", "tune_bir.sweep"]
-
-
-def saved_trial_statuses(sweep_dir: Path) -> dict[str, str]:
-    """Tune trial id -> status in the newest experiment state Tune saved ({} while none is readable); `sweep_dir`
-    is a Path or anything with its glob and read_text (tests/s3_fixtures.py ArrowPath)."""
-    files = sorted(sweep_dir.glob("experiment_state-*.json"))
-    try:
-        data = json.loads(files[-1].read_text())
-        return {t["trial_id"]: t["status"] for t in (json.loads(entry[0]) for entry in data["trial_data"])}
-    except (IndexError, OSError, ValueError, KeyError):
-        return {}
 
 
 def resumable_half_way(sweep_dir: Path) -> bool:

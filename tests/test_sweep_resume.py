@@ -43,6 +43,17 @@ def checkpointed_iterations(sweep_dir: Path) -> dict[str, int]:
     return out
 
 
+def saved_trial_statuses(sweep_dir: Path) -> dict[str, str]:
+    """Tune trial id -> status in the newest experiment state Tune saved ({} while none is readable); `sweep_dir`
+    is a Path or anything with its glob and read_text (tests/s3_fixtures.py ArrowPath)."""
+    files = sorted(sweep_dir.glob("experiment_state-*.json"))
+    try:
+        data = json.loads(files[-1].read_text())
+        return {t["trial_id"]: t["status"] for t in (json.loads(entry[0]) for entry in data["trial_data"])}
+    except (IndexError, OSError, ValueError, KeyError):
+        return {}
+
+
 def registered_checkpoints(sweep_dir: Path) -> dict[str, int]:
     """Tune trial id -> the training iteration of the newest checkpoint Tune had registered (0: none).
 
@@ -69,12 +80,16 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
                               "2", "--grace-period", "2", "--reduction-factor", "2", "--mlflow-uri", uri, *common],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sweep_dir = tmp_path / "rr" / "r"
-    deadline = time.monotonic() + 400
+    deadline, done_earlier = time.monotonic() + 400, set()
     while time.monotonic() < deadline and first.poll() is None:
         seen, kept = results(sweep_dir), checkpointed_iterations(sweep_dir)
         half_way = [tid for tid, lines in seen.items() if not lines[-1].get("done") and kept.get(tid, 0) > 0]
-        if half_way and any(lines[-1].get("done") for lines in seen.values()):   # one finished, one half-way
+        done = {tid for tid, lines in seen.items() if lines[-1].get("done")}
+        # one finished, one half-way; the finished one's last line seen a poll ago, so that Tune has also
+        # recorded the trial as ended (it writes the line first)
+        if half_way and done & done_earlier:
             break
+        done_earlier = done
         time.sleep(0.25)
     assert first.poll() is None, first.communicate()[0][-3000:]
     first.send_signal(signal.SIGINT)        # Ctrl+C: Tune saves the experiment state and stops
@@ -82,13 +97,17 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_completed_trials(t
     assert first.returncode == 130, output[-3000:]
     assert "--resume --name r" in output
 
-    before = results(sweep_dir)
+    before, statuses = results(sweep_dir), saved_trial_statuses(sweep_dir)
     on_disk, checkpointed = checkpointed_iterations(sweep_dir), registered_checkpoints(sweep_dir)
     for trial_id, iteration in checkpointed.items():      # the newest folder, or the one before it (see above)
         assert iteration <= on_disk.get(trial_id, 0) and (iteration or not on_disk.get(trial_id)
                                                           or on_disk[trial_id] == 1), (on_disk, checkpointed)
-    finished_before = {tid: len(lines) for tid, lines in before.items() if lines[-1].get("done")}
-    assert finished_before and len(finished_before) < 4
+    # finished: what Tune saved as such at Ctrl+C. A trial whose last result line came just before the Ctrl+C,
+    # before Tune recorded its end, is resumed: it trains its last step again from its newest registered
+    # checkpoint (checked below with the half-way ones)
+    finished_before = {tid: len(before[tid]) for tid, status in statuses.items() if status == "TERMINATED"}
+    assert finished_before and len(finished_before) < 4, statuses
+    assert all(before[tid][-1].get("done") for tid in finished_before)
 
     second = subprocess.run([*SWEEP, "--resume", *common], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=900)
